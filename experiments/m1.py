@@ -1,0 +1,33 @@
+"""The seed's run: a ~20M-parameter GPT trained on English Wikipedia with 1e17 FLOPs (about 3 hours on an M1 Max).
+
+Chinchilla (Hoffmann et al. 2022) puts the compute-optimal model for C = 1e17 FLOPs near N ~ 20M parameters trained
+on D ~ 20 N tokens (C ~ 6 N D). This shape has 19.2M parameters (12.9M of them the tied 50304 x 256 embedding);
+at 6 N + 12 L T D ~ 122M FLOPs per token the budget buys ~0.82B tokens, i.e. ~25k steps of 128 x 256 tokens.
+
+    python -m gptjax.train --config experiments/m1.py --workdir runs/m1
+"""
+
+from gptjax.configs import base_config
+
+
+def get_config():
+    config = base_config()
+
+    # The model keeps base_config's seed shape: 8 blocks, d_model 256, 8 heads, d_ff 1024, context 256,
+    # sinusoidal positions, ReLU MLP, output tied to the embedding.
+
+    config.data.source = "tfds"
+    config.data.name = "wikipedia/20230601.en"
+    config.data.text_field = "text"
+
+    config.train.flop_budget = 1e17
+    config.train.steps = 0  # derived from flop_budget at start
+    config.train.batch_size = 128  # 32768 tokens per step
+    config.train.grad_accum_steps = 4  # 32 sequences per micro-batch keeps the [B, T, V] logits at ~1.6 GB
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 1000
+    config.train.min_lr_ratio = 0.1
+    config.train.log_every = 50
+    config.train.eval_every = 1000
+    config.train.checkpoint_every = 1000
+    return config

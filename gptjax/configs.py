@@ -1,0 +1,150 @@
+"""Experiment configs: every key gptjax reads, with its default and a one-line comment.
+
+An experiment file (`experiments/m1.py`) defines `get_config()`, starting from `base_config()` and changing what it
+needs. Entry points load it with ml_collections' config flags, so any key can be overridden on the command line:
+
+    python -m gptjax.train --config experiments/m1.py --config.train.batch_size=32
+
+The returned config is locked: assigning or overriding a key that does not exist is an error naming the key.
+"""
+
+import importlib.util
+import os
+import ml_collections
+
+from gptjax.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The defaults: the seed's model (about 20M parameters) and a training setup that works on one device."""
+    config = ml_collections.ConfigDict()
+
+    config.model = model = ml_collections.ConfigDict()
+    # Tokenizer vocabulary size (GPT-2 BPE: 50257); the embedding is padded to a multiple of vocab_multiple.
+    model.vocab_size = 50257
+    # Pad the vocabulary up to a multiple of this for faster matmuls; padded ids can never be predicted.
+    model.vocab_multiple = 64
+    # Context window in tokens (the longest sequence the model sees).
+    model.max_len = 256
+    # Number of transformer blocks.
+    model.n_layer = 8
+    # Attention heads per block; must divide d_model.
+    model.n_head = 8
+    # Width of the residual stream.
+    model.d_model = 256
+    # Hidden width of the MLP (4 x d_model, as GPT-2).
+    model.d_ff = 1024
+    # Position information: 'sinusoidal' (fixed, Vaswani et al.), 'learned' (GPT-2) or 'rope' (rotary).
+    model.pos_embedding = "sinusoidal"
+    # MLP nonlinearity: 'relu' or 'gelu' (tanh approximation, as GPT-2).
+    model.activation = "relu"
+    # Biases in Dense and LayerNorm layers (GPT-2 has them).
+    model.use_bias = True
+    # Output layer shares the token embedding matrix (GPT-2 does); False gives a separate lm_head.
+    model.tie_embeddings = True
+    # Dropout on embeddings and residual branches; 0 is right for single-epoch pretraining.
+    model.dropout = 0.0
+    # Compute dtype: 'float32' (the Metal default) or 'bfloat16' (GPU/TPU); parameters stay float32.
+    model.dtype = "float32"
+    # LayerNorm epsilon (GPT-2: 1e-5).
+    model.layer_norm_eps = 1e-5
+    # Base of the rotary frequencies when pos_embedding = 'rope'.
+    model.rope_base = 10000.0
+
+    config.data = data = ml_collections.ConfigDict()
+    # Where documents come from: 'text' (local files), 'tfds' (TensorFlow Datasets) or 'hf' (Hugging Face datasets).
+    data.source = "text"
+    # Dataset name for 'tfds' (e.g. 'wikipedia/20230601.en') or 'hf' (e.g. 'wikimedia/wikipedia').
+    data.name = ""
+    # Local files for 'text': a path or glob of .txt, .jsonl or .parquet files.
+    data.path = ""
+    # Field that holds the document text in TFDS / HF / jsonl / parquet records.
+    data.text_field = "text"
+    # Tokens per training sequence; follows model.max_len unless set.
+    data.seq_len = model.get_ref("max_len")
+    # Tokenizer: 'gpt2' (the offline GPT-2 BPE) or a Hugging Face tokenizer directory.
+    data.tokenizer = "gpt2"
+
+    config.train = train = ml_collections.ConfigDict()
+    # Optimizer steps; 0 derives them from flop_budget.
+    train.steps = 1000
+    # Training compute budget in FLOPs, used when steps = 0 (steps = budget / (FLOPs per token x tokens per step)).
+    train.flop_budget = 0.0
+    # Global batch size in sequences (split over all devices).
+    train.batch_size = 32
+    # Micro-batches per optimizer step: each device computes batch_size / grad_accum_steps sequences at a time.
+    train.grad_accum_steps = 1
+    # Seed for parameter init, data order and dropout.
+    train.seed = 0
+    # Peak learning rate, reached after warmup_steps.
+    train.learning_rate = 1e-3
+    # Linear warmup steps from learning_rate / warmup_steps up to learning_rate.
+    train.warmup_steps = 100
+    # The cosine schedule decays to learning_rate x min_lr_ratio at the last step.
+    train.min_lr_ratio = 0.1
+    # AdamW decoupled weight decay, applied to weight matrices only.
+    train.weight_decay = 0.1
+    # AdamW first-moment decay.
+    train.b1 = 0.9
+    # AdamW second-moment decay.
+    train.b2 = 0.95
+    # Clip gradients to this global norm (0 disables clipping).
+    train.grad_clip = 1.0
+    # Print and log metrics every this many steps.
+    train.log_every = 10
+    # Evaluate on held-out data every this many steps (0 disables).
+    train.eval_every = 200
+    # Save a checkpoint every this many steps (and always at the end).
+    train.checkpoint_every = 500
+    # Keep only the newest this many checkpoints.
+    train.keep_checkpoints = 3
+    # JAX platform: '' lets JAX choose (GPU > CPU); 'cpu', 'gpu', 'tpu' or 'METAL' force one.
+    train.platform = ""
+
+    return config
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Runs `get_config()` from an experiment file; a missing file is a UserError that says so."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist; pass --config experiments/<name>.py")
+    spec = importlib.util.spec_from_file_location("_gptjax_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path!r} has no get_config() function")
+    return module.get_config()
+
+
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+    """Raises a UserError naming `key` and the valid keys beside it if `key` is not in the config."""
+    node = config
+    path = []
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            where = ".".join(path) or "the config"
+            raise UserError(f"unknown config key {key!r}: {where} has no {part!r}; valid keys there: {valid}")
+        node = node[part]
+        path.append(part)
+
+
+
+def check_command_line(argv: list[str], default_config: str) -> None:
+    """Checks `--config PATH` and every `--config.group.key=value` in argv before absl parses them.
+
+    ml_collections reports a missing file or an unknown key with a long traceback; this turns both into one
+    UserError line that names the problem, so entry points call it first.
+    """
+    path = default_config
+    keys = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            keys.append(arg[len("--config."):].split("=", 1)[0])
+    config = load_config_file(path)
+    for key in keys:
+        check_key(config, key)

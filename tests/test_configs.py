@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+import pytest
+
+from gptjax.configs import base_config, check_command_line, check_key, load_config_file
+from gptjax.errors import UserError
+from gptjax.model import ModelConfig
+
+
+def test_every_base_key_has_a_comment():
+    with open("gptjax/configs.py", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith(("model.", "data.", "train.")) and " = " in stripped:
+            assert lines[i - 1].strip().startswith("#"), f"no comment above {stripped!r}"
+
+
+def test_experiments_load_and_build_models():
+    for name in ("m1", "tiny"):
+        config = load_config_file(f"experiments/{name}.py")
+        ModelConfig.from_config(config.model)
+        assert config.data.seq_len == config.model.max_len
+
+
+def test_seq_len_follows_max_len_unless_set():
+    config = base_config()
+    config.model.max_len = 128
+    assert config.data.seq_len == 128
+
+
+def test_unknown_key_is_a_clear_error():
+    config = base_config()
+    with pytest.raises(UserError, match="unknown config key 'train.stepz': train has no 'stepz'"):
+        check_key(config, "train.stepz")
+    with pytest.raises(UserError, match="config file 'experiments/nope.py' does not exist"):
+        check_command_line(["--config", "experiments/nope.py"], default_config="experiments/tiny.py")
+
+
+def test_command_line_checks_run_before_absl():
+    check_command_line(["--config=experiments/m1.py", "--config.train.batch_size=8"], "experiments/tiny.py")
+    with pytest.raises(UserError, match="'model.n_layers'"):
+        check_command_line(["--config.model.n_layers=3"], "experiments/tiny.py")
