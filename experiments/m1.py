@@ -19,6 +19,7 @@ def get_config():
     config.data.source = "tfds"
     config.data.name = "wikipedia/20230601.en"
     config.data.text_field = "text"
+    config.data.eval_fraction = 0.001  # ~6.7k held-out articles
 
     config.train.flop_budget = 1e17
     config.train.steps = 0  # derived from flop_budget at start

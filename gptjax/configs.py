@@ -64,6 +64,24 @@ def base_config() -> ml_collections.ConfigDict:
     data.seq_len = model.get_ref("max_len")
     # Tokenizer: 'gpt2' (the offline GPT-2 BPE) or a Hugging Face tokenizer directory.
     data.tokenizer = "gpt2"
+    # Split of the TFDS / HF dataset to read (held-out documents are carved out of it, see eval_fraction).
+    data.split = "train"
+    # Hugging Face dataset config name (e.g. '20231101.en' for wikimedia/wikipedia).
+    data.hf_config = ""
+    # Stream Hugging Face datasets instead of downloading them whole first.
+    data.streaming = True
+    # Local TFDS data directory ('' = TFDS's default, ~/tensorflow_datasets).
+    data.data_dir = ""
+    # How .txt files split into documents: 'file' (one per file) or 'blank_lines' (separated by empty lines).
+    data.txt_documents = "file"
+    # Invalid UTF-8 in the corpus: 'strict' stops with an error naming the file, 'replace' substitutes U+FFFD.
+    data.utf8_errors = "strict"
+    # Fraction of documents held out for validation (every round(1/fraction)-th document).
+    data.eval_fraction = 0.005
+    # Where the tokenized corpus is cached ('' = <workdir>/data); share it between runs of the same data.
+    data.cache_dir = ""
+    # Tokens per cache shard file (uint16 on disk: 2 bytes a token).
+    data.shard_tokens = 50_000_000
 
     config.train = train = ml_collections.ConfigDict()
     # Optimizer steps; 0 derives them from flop_budget.

@@ -1,0 +1,87 @@
+"""Input pipeline speed: (a) tokenizing raw text, (b) reading the token cache into training batches.
+
+    python -m benchmarks.input_pipeline [--text FILE] [--batch_size 128 --seq_len 256]
+
+Prints one JSON object. The m1 run needs about 80k tokens/s on an M1 Max; both numbers should be far above it.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def corpus_text(path: str | None, min_chars: int = 4_000_000) -> list[str]:
+    """Documents to tokenize: a file split at blank lines, or the Python docs shipped with Python, repeated."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            documents = [d for d in f.read().split("\n\n") if d.strip()]
+    else:
+        from pydoc_data.topics import topics
+
+        documents = [topics[name] for name in sorted(topics)]
+    repeats = max(1, -(-min_chars // sum(map(len, documents))))
+    return documents * repeats
+
+
+def tokenize_speed(documents: list[str]) -> dict:
+    from gptjax.input_pipeline import DOCUMENTS_PER_TOKENIZER_CALL, tokenizer_encode_batch
+    from gptjax.tokenizer import load_tokenizer
+
+    encode_batch, _ = tokenizer_encode_batch("gpt2")
+    encode_batch(documents[:8])  # warm up
+    start = time.perf_counter()
+    num_tokens = 0
+    for i in range(0, len(documents), DOCUMENTS_PER_TOKENIZER_CALL):
+        num_tokens += sum(map(len, encode_batch(documents[i: i + DOCUMENTS_PER_TOKENIZER_CALL])))
+    bulk_seconds = time.perf_counter() - start
+
+    tokenizer = load_tokenizer()
+    sample = documents[: max(1, len(documents) // 8)]
+    start = time.perf_counter()
+    hf_tokens = sum(len(ids) for ids in tokenizer(sample)["input_ids"])
+    hf_seconds = time.perf_counter() - start
+    return {"tokenize_tokens_per_second": num_tokens / bulk_seconds,
+            "tokenize_hf_tokens_per_second": hf_tokens / hf_seconds, "tokenized_tokens": num_tokens}
+
+
+def cache_read_speed(batch_size: int, seq_len: int, steps: int) -> dict:
+    from gptjax import input_pipeline
+
+    with tempfile.TemporaryDirectory() as directory:
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, 50257, size=(batch_size * seq_len * 64,), dtype=np.uint16)
+        shards = []
+        for i, part in enumerate(np.array_split(tokens, 4)):
+            path = os.path.join(directory, f"train_{i:05d}.bin")
+            part.tofile(path)
+            shards.append(np.memmap(path, dtype=np.uint16, mode="r"))
+        stream = input_pipeline.TokenStream(shards)
+        batches = input_pipeline.train_batches(stream, seq_len, batch_size, seed=0)
+        next(batches)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(batches)
+        seconds = time.perf_counter() - start
+        batches.close()
+    return {"cache_read_tokens_per_second": steps * batch_size * seq_len / seconds}
+
+
+def run(text: str | None = None, batch_size: int = 128, seq_len: int = 256, steps: int = 200) -> dict:
+    results = tokenize_speed(corpus_text(text))
+    results.update(cache_read_speed(batch_size, seq_len, steps))
+    results.update({"batch_size": batch_size, "seq_len": seq_len, "cpu_count": os.cpu_count()})
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", help="a UTF-8 text file to tokenize (default: the Python docs)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    print(json.dumps(run(args.text, args.batch_size, args.seq_len, args.steps), indent=1))

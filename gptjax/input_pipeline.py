@@ -1,0 +1,481 @@
+"""Input pipeline: documents -> GPT-2 token ids -> a token cache on disk -> packed windows -> batches (tf.data).
+
+Two stages, as nanoGPT's prepare.py + train.py, but resumable and exact:
+
+1. `prepare(config, workdir)` reads documents from one of four sources through tf.data (TFDS natively; Hugging
+   Face `datasets`, local files and the built-in Python docs through `from_generator`), tokenizes them in batches
+   (tiktoken on all cores, ids identical to Hugging Face's GPT-2 tokenizer), appends end-of-text after each document,
+   and writes the token stream to disk once as uint16 shards with a JSON manifest. Every `1 / data.eval_fraction`-th
+   document goes to the validation split instead, so the two splits never share a document. An interrupted prepare
+   resumes after the last shard it finished.
+
+2. `train_batches(...)` cuts the cached stream into windows of seq_len + 1 tokens (window w = tokens
+   [w * seq_len, w * seq_len + seq_len + 1): consecutive windows overlap by one token, so every token is a prediction
+   target exactly once per epoch and nothing is padded) and serves batches through tf.data (parallel reads,
+   prefetch). Shuffling is a seeded permutation of window indices per epoch, so batch i is a pure function of
+   (data, seed, i): a restarted run asks for batches from its step on and sees exactly what it would have seen.
+   With several processes each one builds only its own rows of the global batch.
+"""
+
+import atexit
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+import weakref
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from gptjax.errors import UserError
+from gptjax.tokenizer import END_OF_TEXT_ID, load_bulk_encoder, load_tokenizer
+
+SOURCES = ("text", "tfds", "hf", "python_docs")
+MANIFEST = "manifest.json"
+DOCUMENTS_PER_TOKENIZER_CALL = 512
+
+
+def import_tensorflow():
+    """TensorFlow for tf.data only: quiet, and hidden from GPUs so that XLA keeps all their memory."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def dataset_options():
+    """Deterministic order, and small private thread pools so tf.data does not starve XLA of cores."""
+    tf = import_tensorflow()
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = max(2, min(8, os.cpu_count() or 2))
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1a: documents from each source, as a tf.data.Dataset of scalar tf.string
+
+
+def documents_dataset(data: ml_collections.ConfigDict):
+    """All documents of the configured source, in a fixed order, as a tf.data.Dataset of UTF-8 strings."""
+    tf = import_tensorflow()
+    if data.source not in SOURCES:
+        raise UserError(f"data.source={data.source!r} is not one of {SOURCES}")
+    if data.source == "tfds":
+        return tfds_documents(data)
+    generator = {"text": text_file_documents, "hf": hf_documents, "python_docs": python_docs_documents}[data.source]
+    documents = generator(data)  # a Python iterator; opened here so bad paths fail now, not inside tf.data
+    first = next(documents, None)
+    if first is None:
+        raise UserError(f"data source {describe_source(data)} has no documents; check data.path / data.name")
+
+    def all_documents():
+        # A UserError raised inside tf.data would reach the caller buried in a long op error: stop the stream
+        # cleanly instead and leave the error for `raise_deferred_error`.
+        try:
+            yield first
+            yield from documents
+        except UserError as e:
+            _deferred_errors.append(e)
+
+    _deferred_errors.clear()
+    return tf.data.Dataset.from_generator(all_documents, output_signature=tf.TensorSpec((), tf.string))
+
+
+_deferred_errors: list[UserError] = []
+
+
+def raise_deferred_error() -> None:
+    """Re-raises the UserError that ended a generator-backed documents_dataset early, if any."""
+    if _deferred_errors:
+        raise _deferred_errors.pop()
+
+
+def describe_source(data) -> str:
+    if data.source == "text":
+        return f"text files {data.path!r}"
+    if data.source == "python_docs":
+        return "python_docs (the Python reference manual shipped with Python)"
+    return f"{data.source} dataset {data.name!r}"
+
+
+def python_docs_documents(data) -> Iterator[str]:
+    """The Python reference manual's topics (pydoc_data ships them with every Python): ~460 kB of English."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+
+
+def text_file_documents(data) -> Iterator[str]:
+    """Documents from local .txt, .jsonl and .parquet files matched by data.path (a path or glob)."""
+    if not data.path:
+        raise UserError("data.source=text needs data.path, e.g. --config.data.path='corpus/*.txt'")
+    paths = sorted(p for pattern in data.path.split(",") for p in glob.glob(os.path.expanduser(pattern.strip()),
+                                                                            recursive=True))
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise UserError(f"data.path={data.path!r} matches no files; check the path or quote the glob")
+    unknown = [p for p in paths if not p.endswith((".txt", ".jsonl", ".parquet"))]
+    if unknown:
+        raise UserError(f"{unknown[0]} is not .txt, .jsonl or .parquet; narrow data.path to those files")
+    return _text_file_documents(paths, data)
+
+
+def _text_file_documents(paths, data) -> Iterator[str]:
+    for path in paths:
+        if path.endswith(".txt"):
+            text = read_utf8(path, data.utf8_errors)
+            if data.txt_documents == "file":
+                yield text
+            elif data.txt_documents == "blank_lines":
+                yield from (doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip())
+            else:
+                raise UserError(f"data.txt_documents={data.txt_documents!r} is not 'file' or 'blank_lines'")
+        elif path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(decode_utf8(line, f"{path} line {line_number}", data.utf8_errors))
+                        yield field_of(record, data.text_field, f"{path} line {line_number}")
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(path)
+            if data.text_field not in table.schema_arrow.names:
+                raise UserError(f"{path} has no column {data.text_field!r} (columns: {table.schema_arrow.names}); "
+                                f"set data.text_field")
+            for batch in table.iter_batches(columns=[data.text_field]):
+                yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def read_utf8(path: str, errors: str) -> str:
+    with open(path, "rb") as f:
+        return decode_utf8(f.read(), path, errors)
+
+
+def decode_utf8(raw: bytes, where: str, errors: str) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where} is not valid UTF-8 (byte {e.start}); convert it (iconv -t utf-8) or set "
+                        f"data.utf8_errors=replace") from None
+
+
+def field_of(record, field: str, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise UserError(f"{where} has no text field {field!r} (it has {keys}); set data.text_field")
+    return record[field]
+
+
+def hf_documents(data) -> Iterator[str]:
+    """Hugging Face `datasets`: a Hub dataset (wikimedia/wikipedia) or a local builder ('json', 'text', 'parquet')."""
+    import datasets
+
+    if not data.name:
+        raise UserError("data.source=hf needs data.name, e.g. wikimedia/wikipedia (with data.hf_config=20231101.en)")
+    kwargs = dict(split=data.split, streaming=data.streaming)
+    if data.path:
+        kwargs["data_files"] = sorted(glob.glob(os.path.expanduser(data.path))) or data.path
+    try:
+        dataset = datasets.load_dataset(data.name, data.hf_config or None, **kwargs)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise UserError(f"Hugging Face dataset {data.name!r} could not be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); check data.name / data.hf_config / data.path, "
+                        f"and the network for Hub datasets") from None
+    columns = dataset.column_names
+    if columns is not None and data.text_field not in columns:
+        raise UserError(f"Hugging Face dataset {data.name!r} has no field {data.text_field!r} (fields: {columns}); "
+                        f"set data.text_field")
+    return (example[data.text_field] for example in dataset)
+
+
+def tfds_documents(data):
+    """A TFDS text dataset (default wikipedia/20230601.en): prepared from data.data_dir, downloaded if missing."""
+    import tensorflow_datasets as tfds
+
+    if not data.name:
+        raise UserError("data.source=tfds needs data.name, e.g. wikipedia/20230601.en")
+    try:
+        builder = tfds.builder(data.name, data_dir=data.data_dir or None)
+    except Exception as e:  # TFDS raises several types for unknown names and versions
+        raise UserError(f"TFDS has no dataset {data.name!r} ({type(e).__name__}: {str(e).splitlines()[0][:400]}); "
+                        f"check data.name, or point data.data_dir at a directory where it is prepared") from None
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            raise UserError(f"TFDS dataset {data.name!r} is not prepared in {builder.data_dir} and could not be "
+                            f"downloaded ({type(e).__name__}); go online once or set data.data_dir to a prepared "
+                            f"copy") from None
+    features = builder.info.features
+    if data.text_field not in features:
+        raise UserError(f"TFDS dataset {data.name!r} has no feature {data.text_field!r} (features: "
+                        f"{sorted(features.keys())}); set data.text_field")
+    dataset = builder.as_dataset(split=data.split, shuffle_files=False)
+    return dataset.map(lambda example: example[data.text_field])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1b: tokenize once into a cache on disk
+
+
+def cache_key(data) -> dict:
+    """Everything that changes the token stream; the cache directory is named after its hash."""
+    return {k: data[k] for k in ("source", "name", "hf_config", "split", "path", "data_dir", "text_field",
+                                 "txt_documents", "utf8_errors", "tokenizer", "eval_fraction")}
+
+
+def cache_directory(data, workdir: str) -> str:
+    key = json.dumps(cache_key(data), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = data.cache_dir or os.path.join(workdir, "data")
+    return os.path.join(root, f"{data.source}-{digest}")
+
+
+def is_validation_document(index: int, eval_fraction: float) -> bool:
+    """Every round(1 / eval_fraction)-th document (counting from the middle of the first stride) is held out."""
+    if eval_fraction <= 0:
+        return False
+    stride = max(1, round(1 / eval_fraction))
+    return index % stride == stride // 2
+
+
+def write_atomically(path: str, payload: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tokenizer_encode_batch(tokenizer_name: str):
+    """texts -> list of token id lists; the GPT-2 path uses tiktoken's threaded batch encoder on every core."""
+    if tokenizer_name == "gpt2":
+        encoder = load_bulk_encoder()
+        threads = os.cpu_count() or 1
+        return (lambda texts: encoder.encode_ordinary_batch(texts, num_threads=threads)), END_OF_TEXT_ID
+    tokenizer = load_tokenizer(tokenizer_name)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer {tokenizer_name!r} has no end-of-text token to separate documents")
+    return (lambda texts: tokenizer(texts, split_special_tokens=True)["input_ids"]), tokenizer.eos_token_id
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> "TokenCache":
+    """Tokenizes the configured corpus into the cache (or reuses a complete one) and returns it."""
+    data = config.data
+    directory = cache_directory(data, workdir)
+    manifest_path = os.path.join(directory, MANIFEST)
+    os.makedirs(directory, exist_ok=True)
+    manifest = {"version": 1, "key": cache_key(data), "complete": False, "documents_done": 0,
+                "splits": {"train": [], "validation": []}}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest["complete"]:
+            return TokenCache(directory, manifest)
+        print(f"Resuming tokenization after {manifest['documents_done']} documents ({directory})")
+
+    encode_batch, eos_id = tokenizer_encode_batch(data.tokenizer)
+    token_dtype = np.uint16 if max(eos_id, config.model.vocab_size) < 2 ** 16 else np.uint32
+    manifest["dtype"] = np.dtype(token_dtype).name
+    manifest["eos_id"] = eos_id
+    done = manifest["documents_done"]
+    documents = documents_dataset(data).skip(done).batch(DOCUMENTS_PER_TOKENIZER_CALL)
+    documents = documents.with_options(dataset_options()).prefetch(2)
+    buffers = {"train": [], "validation": []}
+    buffered_tokens = 0
+
+    def flush():
+        nonlocal buffered_tokens
+        for split, chunks in buffers.items():
+            if chunks:
+                tokens = np.concatenate(chunks).astype(token_dtype)
+                name = f"{split}_{len(manifest['splits'][split]):05d}.bin"
+                write_atomically(os.path.join(directory, name), tokens.tobytes())
+                manifest["splits"][split].append({"file": name, "tokens": int(tokens.size)})
+                chunks.clear()
+        manifest["documents_done"] = done
+        write_atomically(manifest_path, json.dumps(manifest, indent=1).encode())
+        buffered_tokens = 0
+
+    from tqdm import tqdm
+
+    bar = tqdm(desc="tokenizing", unit=" docs", initial=done, disable=not progress)
+    for batch in documents.as_numpy_iterator():
+        texts = [decode_utf8(raw, f"document {done + i} of {describe_source(data)}", data.utf8_errors)
+                 for i, raw in enumerate(batch)]
+        for ids in encode_batch(texts):
+            if ids:  # an empty document adds nothing, not even a separator
+                split = "validation" if is_validation_document(done, data.eval_fraction) else "train"
+                buffers[split].append(np.asarray(ids + [eos_id], dtype=np.int64))
+                buffered_tokens += len(ids) + 1
+            done += 1
+            if buffered_tokens >= data.shard_tokens:
+                flush()
+        bar.update(len(texts))
+        bar.set_postfix(tokens=f"{sum(s['tokens'] for s in manifest['splits']['train']) + buffered_tokens:,}")
+    bar.close()
+    flush()  # keeps what was tokenized even if the source failed: a rerun resumes after it
+    raise_deferred_error()
+    manifest["complete"] = True
+    manifest["documents"] = done
+    write_atomically(manifest_path, json.dumps(manifest, indent=1).encode())
+    cache = TokenCache(directory, manifest)
+    if cache.num_tokens("train") == 0:
+        raise UserError(f"{describe_source(data)} gave no training tokens (all documents empty?); add text")
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: windows and batches
+
+
+@dataclasses.dataclass
+class TokenCache:
+    """A finished token cache: per split, a list of memory-mapped shards that read as one stream."""
+
+    directory: str
+    manifest: dict
+
+    def num_tokens(self, split: str) -> int:
+        return sum(shard["tokens"] for shard in self.manifest["splits"][split])
+
+    def stream(self, split: str) -> "TokenStream":
+        shards = [np.memmap(os.path.join(self.directory, s["file"]), dtype=self.manifest["dtype"], mode="r")
+                  for s in self.manifest["splits"][split] if s["tokens"]]
+        return TokenStream(shards)
+
+
+class TokenStream:
+    """Several shards read as one long array of token ids."""
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(s) for s in shards])
+        self.num_tokens = int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start + length] as int32, across shard boundaries."""
+        pieces = []
+        shard = int(np.searchsorted(self.starts, start, side="right") - 1)
+        while length > 0:
+            offset = start - self.starts[shard]
+            piece = self.shards[shard][offset: offset + length]
+            pieces.append(piece)
+            start, length, shard = start + len(piece), length - len(piece), shard + 1
+        return np.concatenate(pieces).astype(np.int32) if len(pieces) > 1 else pieces[0].astype(np.int32)
+
+    def num_windows(self, seq_len: int) -> int:
+        return max(0, (self.num_tokens - 1) // seq_len)
+
+    def windows(self, window_ids: np.ndarray, seq_len: int) -> np.ndarray:
+        """[len(window_ids), seq_len + 1] int32: window w is tokens[w * seq_len : w * seq_len + seq_len + 1]."""
+        return np.stack([self.read(int(w) * seq_len, seq_len + 1) for w in window_ids])
+
+
+def epoch_permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of windows in one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_windows).astype(np.int64)
+
+
+def batch_window_ids(step: int, batch_size: int, num_windows: int, seed: int,
+                     rows: slice = slice(None)) -> np.ndarray:
+    """Window ids of global batch `step` (optionally only some of its rows): epochs follow each other seamlessly."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)[rows]
+    epochs, within = np.divmod(positions, num_windows)
+    ids = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        ids[epochs == epoch] = epoch_permutation(num_windows, seed, int(epoch))[within[epochs == epoch]]
+    return ids
+
+
+def data_position(step: int, batch_size: int, num_windows: int) -> dict:
+    """Where the data stream stands before `step`: saved in checkpoints so a human can read it."""
+    epoch, window = divmod(step * batch_size, num_windows)
+    return {"step": step, "epoch": int(epoch), "window_in_epoch": int(window), "windows_per_epoch": num_windows}
+
+
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    if batch_size % process_count:
+        raise UserError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
+    per_process = batch_size // process_count
+    return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
+def check_enough_tokens(stream: TokenStream, seq_len: int, split: str) -> None:
+    if stream.num_windows(seq_len) == 0:
+        raise UserError(f"the {split} split has {stream.num_tokens} tokens, fewer than one window of "
+                        f"seq_len + 1 = {seq_len + 1}; add text or lower data.seq_len")
+
+
+def train_batches(stream: TokenStream, seq_len: int, batch_size: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[np.ndarray]:
+    """Endless int32 batches [batch_size / process_count, seq_len + 1], from global step `start_step` on."""
+    tf = import_tensorflow()
+    check_enough_tokens(stream, seq_len, "train")
+    num_windows = stream.num_windows(seq_len)
+    rows = process_rows(batch_size, process_index, process_count)
+
+    def load(step):
+        ids = batch_window_ids(int(step), batch_size, num_windows, seed, rows)
+        return stream.windows(ids, seq_len)
+
+    steps = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
+    batches = steps.map(lambda step: tf.numpy_function(load, [step], tf.int32, stateful=False),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = batches.with_options(dataset_options()).prefetch(tf.data.AUTOTUNE)
+    return BatchIterator(batches.as_numpy_iterator())
+
+
+class BatchIterator:
+    """A tf.data iterator that is closed before the interpreter shuts down.
+
+    A live tf.data iterator whose map calls back into Python (numpy_function) can deadlock at interpreter exit, so
+    every one is closed by an atexit hook (or earlier with `close()`).
+    """
+
+    _live = weakref.WeakSet()
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+        BatchIterator._live.add(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._iterator is None:
+            raise StopIteration
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self._iterator = None
+
+
+@atexit.register
+def _close_live_iterators():
+    for iterator in list(BatchIterator._live):
+        iterator.close()
+
+
+def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches: int = 0,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[np.ndarray]:
+    """The held-out windows in order, in batches; the last batch may be smaller. 0 = all of them."""
+    check_enough_tokens(stream, seq_len, "validation")
+    num_windows = stream.num_windows(seq_len)
+    num_batches = -(-num_windows // batch_size)
+    if max_batches:
+        num_batches = min(num_batches, max_batches)
+    for b in range(num_batches):
+        ids = np.arange(b * batch_size, min((b + 1) * batch_size, num_windows))
+        share = np.array_split(ids, process_count)[process_index]
+        yield stream.windows(share, seq_len)
+
