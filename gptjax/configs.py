@@ -10,9 +10,11 @@ The returned config is locked: assigning or overriding a key that does not exist
 
 import importlib.util
 import os
+import sys
+
 import ml_collections
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, exit_on_user_error
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -86,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     # Optimizer steps; 0 derives them from flop_budget.
     train.steps = 1000
+    # Pause at this step (checkpoint saved) and exit; rerun the same command to go on. 0 = run to the end.
+    train.stop_at_step = 0
     # Training compute budget in FLOPs, used when steps = 0 (steps = budget / (FLOPs per token x tokens per step)).
     train.flop_budget = 0.0
     # Global batch size in sequences (split over all devices).
@@ -116,8 +120,22 @@ def base_config() -> ml_collections.ConfigDict:
     train.checkpoint_every = 500
     # Keep only the newest this many checkpoints.
     train.keep_checkpoints = 3
+    # Held-out batches per evaluation (0 = the whole validation split).
+    train.eval_steps = 20
+    # Apply weight decay to the token/position embeddings too (nanoGPT does; they are matrices).
+    train.decay_embeddings = True
+    # Save checkpoints in the background while training continues.
+    train.async_checkpoints = True
+    # Peak FLOP/s of one device for MFU; 0 = datasheet value for known devices, else a measured matmul.
+    train.peak_flops = 0.0
     # JAX platform: '' lets JAX choose (GPU > CPU); 'cpu', 'gpu', 'tpu' or 'METAL' force one.
     train.platform = ""
+    # Multi-process runs: the coordinator's host:port ('' = single process), process count and this process's id.
+    train.coordinator_address = ""
+    # Number of processes in a multi-process run.
+    train.num_processes = 1
+    # This process's index in a multi-process run.
+    train.process_id = 0
 
     return config
 
@@ -166,3 +184,17 @@ def check_command_line(argv: list[str], default_config: str) -> None:
     config = load_config_file(path)
     for key in keys:
         check_key(config, key)
+
+
+def define_config_flag(default_config: str):
+    """The `--config` flag (plus `--config.group.key=value` overrides) of an entry point, checked first.
+
+    Call it under `if __name__ == "__main__":`: ml_collections reads the command line as soon as the flag is
+    defined, so the one-line checks of `check_command_line` must run before it.
+    """
+    from ml_collections import config_flags
+
+    with exit_on_user_error():
+        check_command_line(sys.argv[1:], default_config)
+    return config_flags.DEFINE_config_file("config", default_config, "Experiment config file (get_config()).",
+                                           lock_config=True)

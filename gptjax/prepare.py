@@ -5,31 +5,24 @@ training (as nanoGPT's prepare.py). Interrupt it at any time: a rerun continues 
 """
 
 import json
-import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from gptjax import input_pipeline
-from gptjax.configs import check_command_line
+from gptjax.configs import define_config_flag
 from gptjax.errors import exit_on_user_error
-
-DEFAULT_CONFIG = "experiments/tiny.py"
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory; the cache goes to <workdir>/data "
-                               "unless data.cache_dir is set.")
-
 
 def main(argv):
     del argv
     with exit_on_user_error():
-        cache = input_pipeline.prepare(_CONFIG.value, _WORKDIR.value)
+        cache = input_pipeline.prepare(_CONFIG.value, flags.FLAGS.workdir)
         summary = {"cache": cache.directory, "documents": cache.manifest["documents"],
                    "train_tokens": cache.num_tokens("train"), "validation_tokens": cache.num_tokens("validation")}
         print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        check_command_line(sys.argv[1:], DEFAULT_CONFIG)
+    _CONFIG = define_config_flag("experiments/tiny.py")
+    flags.DEFINE_string("workdir", "runs/default", "Run directory; the cache goes to <workdir>/data unless "
+                        "data.cache_dir is set.")
     app.run(main)

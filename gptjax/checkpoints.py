@@ -1,0 +1,114 @@
+"""Orbax checkpoints in <workdir>/checkpoints: save, restore everything to resume, or restore params alone.
+
+Each step directory holds three items:
+    params     the model parameters (all that sampling and evaluation read)
+    opt_state  the optimizer state (only training reads it)
+    meta       JSON: step, the full config, tokenizer, data position and the last metrics
+Orbax writes a step into a temporary directory and renames it when complete, so a crash mid-save leaves the previous
+checkpoint as the latest usable one; a checkpoint that fails to load anyway is skipped with a warning.
+"""
+
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from gptjax.errors import UserError
+
+ITEMS = ("params", "opt_state", "meta")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
+    """Starts saving (in the background where Orbax can); call manager.wait_until_finished() before exiting."""
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               opt_state=ocp.args.StandardSave(opt_state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def abstract(tree):
+    """Shapes, dtypes and shardings of a tree of arrays (or of jax.eval_shape's output): what Orbax restores into."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def spec(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default)
+
+    return jax.tree_util.tree_map(spec, tree)
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def check_compatible(meta: dict, model_config: dict, workdir: str) -> None:
+    """The checkpoint's model config must equal this run's: name every key that differs."""
+    saved = meta["config"]["model"]
+    differences = [f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in sorted(model_config.items())
+                   if saved.get(k) != v]
+    if differences:
+        raise UserError(f"the checkpoint in {checkpoint_dir(workdir)} is from another model shape "
+                        f"({'; '.join(differences)}); use its config or a fresh --workdir")
+
+
+def usable_steps(manager: ocp.CheckpointManager) -> list[int]:
+    return sorted(manager.all_steps(), reverse=True)
+
+
+def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: dict, params_target,
+                   opt_state_target=None, step: int | None = None) -> tuple[Any, Any, dict] | None:
+    """Restores the newest loadable checkpoint (or `step`): (params, opt_state or None, meta), or None if none.
+
+    With `opt_state_target=None` only params and meta are read, never the optimizer state.
+    """
+    steps = usable_steps(manager)
+    if step is not None:
+        if step not in steps:
+            raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; it has {sorted(steps)}")
+        steps = [step]
+    for candidate in steps:
+        try:
+            meta = read_meta(manager, candidate)
+        except Exception as e:  # a damaged checkpoint: fall back to the one before
+            set_aside(manager, workdir, candidate, f"is unreadable ({type(e).__name__})")
+            continue
+        check_compatible(meta, model_config, workdir)
+        items = {"params": ocp.args.StandardRestore(abstract(params_target))}
+        if opt_state_target is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract(opt_state_target))
+        try:
+            restored = manager.restore(candidate, args=ocp.args.Composite(**items))
+        except Exception as e:
+            set_aside(manager, workdir, candidate, f"could not be restored ({type(e).__name__}: "
+                                                   f"{str(e).splitlines()[0][:200]})")
+            continue
+        return restored["params"], restored.get("opt_state") if opt_state_target is not None else None, meta
+    if steps:
+        raise UserError(f"none of the checkpoints {sorted(steps)} in {checkpoint_dir(workdir)} could be restored; "
+                        f"move the directory away to start fresh")
+    return None
+
+
+def set_aside(manager: ocp.CheckpointManager, workdir: str, step: int, problem: str) -> None:
+    """Moves a damaged checkpoint to <workdir>/checkpoints_damaged (kept for inspection, out of the way of new saves)."""
+    damaged = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
+    os.makedirs(damaged, exist_ok=True)
+    target = os.path.join(damaged, f"{step}-{int(time.time())}")
+    os.replace(os.path.join(checkpoint_dir(workdir), str(step)), target)
+    manager.reload()
+    warn(f"checkpoint {step} in {checkpoint_dir(workdir)} {problem}; moved it to {target} and trying an older one")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

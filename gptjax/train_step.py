@@ -1,0 +1,170 @@
+"""The pure pieces of training: optimizer, loss, `train_step`, `eval_step`, and data-parallel compilation.
+
+Nothing here touches files or the clock. `make_train_step` returns `train_step(state, batch) -> (state, metrics)`,
+compiled once; on several devices the same function runs data-parallel: the batch is split over a 1-D device mesh
+('data') and XLA inserts the gradient all-reduce (the modern spelling of pmap + pmean).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gptjax.model import GPT, ModelConfig
+
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, and nothing else: it is what checkpoints save."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict
+    opt_state: optax.OptState
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from learning_rate / warmup_steps to learning_rate, then cosine decay to min_lr_ratio x it."""
+    warmup_steps = max(1, train.warmup_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=train.learning_rate / warmup_steps,  # not 0: step 0 already learns
+        peak_value=train.learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=train.learning_rate * train.min_lr_ratio)
+
+
+def weight_decay_mask(params, decay_embeddings: bool = True):
+    """True for weight matrices (Dense kernels, and embeddings unless excluded); False for biases and LayerNorm."""
+
+    def decays(path, leaf):
+        names = [getattr(key, "key", str(key)) for key in path]
+        if any("embedding" in name for name in names):
+            return decay_embeddings
+        return leaf.ndim >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW with the warmup + cosine schedule and decay on matrices only."""
+    return optax.chain(
+        optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity(),
+        optax.adamw(learning_rate_schedule(train, total_steps), b1=train.b1, b2=train.b2,
+                    weight_decay=train.weight_decay,
+                    mask=functools.partial(weight_decay_mask, decay_embeddings=train.decay_embeddings)),
+    )
+
+
+def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Fresh parameters from PRNGKey(seed) and a zero optimizer state."""
+    tokens = jnp.zeros((1, model_config.max_len), jnp.int32)
+    params = GPT(model_config).init(jax.random.PRNGKey(seed), tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss and steps
+
+
+def next_token_loss(params, batch_BxT1, model: GPT, dropout_rng=None):
+    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1], in float32.
+
+    The model already pushed the padded vocabulary entries to -inf-like logits, so they take no probability.
+    """
+    inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
+    deterministic = dropout_rng is None
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    logits_BxTxV = model.apply({"params": params}, inputs_BxT, deterministic=deterministic, rngs=rngs)
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+    return losses_BxT.mean()
+
+
+def train_step(state: TrainState, batch_AxBxT1, *, model: GPT, optimizer: optax.GradientTransformation, dropout_rng,
+               use_dropout: bool):
+    """One optimizer step on A micro-batches of B sequences: gradients are averaged over the micro-batches.
+
+    Accumulating with `lax.scan` means memory holds one micro-batch's activations at a time, and k micro-batches
+    give the same update as one batch k times larger.
+    """
+    step_rng = jax.random.fold_in(dropout_rng, state.step)  # nothing random has to be saved in checkpoints
+
+    def accumulate(grad_sum, micro):
+        index, micro_batch_BxT1 = micro
+        rng = jax.random.fold_in(step_rng, index) if use_dropout else None
+        loss, grads = jax.value_and_grad(next_token_loss)(state.params, micro_batch_BxT1, model, rng)
+        return jax.tree_util.tree_map(jnp.add, grad_sum, grads), loss
+
+    num_micro = batch_AxBxT1.shape[0]
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    grad_sum, losses_A = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), batch_AxBxT1))
+    grads = jax.tree_util.tree_map(lambda g: g / num_micro, grad_sum)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new_params_norm = optax.global_norm(new_state.params)
+    metrics = {"loss": losses_A.mean(), "grad_norm": optax.global_norm(grads),
+               "update_is_finite": jnp.isfinite(new_params_norm)}  # checked before anything is saved
+    return new_state, metrics
+
+
+def eval_step(params, batch_BxT1, weights_B, *, model: GPT):
+    """Summed loss and token count of a batch whose padding rows have weight 0: token-weighted averages."""
+    inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
+    logits_BxTxV = model.apply({"params": params}, inputs_BxT)
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    weights_BxT = jnp.broadcast_to(weights_B[:, None], losses_BxT.shape)
+    return {"loss_sum": (losses_BxT * weights_BxT).sum(), "tokens": weights_BxT.sum()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compilation over the local devices
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all devices; the batch is split along its 'data' axis, parameters are replicated."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, state_sharding,
+                    seed: int, donate: bool):
+    """`train_step(state, batch [A, B, T+1]) -> (state, metrics)`, jitted with the batch split over `mesh`."""
+    model = GPT(model_config)
+    step = functools.partial(train_step, model=model, optimizer=optimizer, dropout_rng=jax.random.PRNGKey(seed + 1),
+                             use_dropout=model_config.dropout > 0)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model_config: ModelConfig, mesh: Mesh, params_sharding):
+    step = functools.partial(eval_step, model=GPT(model_config))
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(step, in_shardings=(params_sharding, data, data), out_shardings=replicated(mesh))
+
+
+def state_sharding_of(state: TrainState, mesh: Mesh):
+    """Every array of the state replicated on every device (data parallelism)."""
+    return jax.tree_util.tree_map(lambda _: replicated(mesh), state)
+
+
+def global_batch(local_batch: np.ndarray, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
+    """One global array from each process's rows (with one process this is just a sharded device_put)."""
+    sharding = NamedSharding(mesh, spec)
+    if jax.process_count() == 1:
+        return jax.device_put(local_batch, sharding)
+    return jax.make_array_from_process_local_data(sharding, local_batch)
+

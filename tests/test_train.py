@@ -1,0 +1,237 @@
+"""Training end to end on real text (the Python docs shipped with Python), with a model small enough for CI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gptjax import checkpoints
+from gptjax import train_step as steps_lib
+from gptjax.configs import load_config_file
+from gptjax.errors import UserError
+from gptjax.model import ModelConfig
+from gptjax.train import train_and_evaluate
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**train):
+    config = load_config_file(os.path.join(REPO_ROOT, "experiments/tiny.py"))
+    config.model.update(dict(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64))
+    config.train.update(dict(steps=8, batch_size=4, warmup_steps=2, log_every=1, eval_every=0, eval_steps=2,
+                             checkpoint_every=4, learning_rate=3e-3, async_checkpoints=False))
+    config.train.update(train)
+    return config
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def restore_params(workdir, config):
+    model_config = ModelConfig.from_config(config.model)
+    optimizer = steps_lib.make_optimizer(config.train, config.train.steps)
+    state = steps_lib.create_train_state(model_config, optimizer, seed=123)
+    manager = checkpoints.make_manager(workdir)
+    params, _, meta = checkpoints.restore_latest(manager, workdir, config.model.to_dict(), state.params)
+    return params, meta
+
+
+def test_loss_falls_on_real_text(tmp_path):
+    config = small_config(steps=40, eval_every=40, checkpoint_every=40, learning_rate=1e-2, warmup_steps=5)
+    result = train_and_evaluate(config, str(tmp_path), progress=False)
+    losses = [m["loss"] for m in read_metrics(str(tmp_path))]
+    assert losses[0] > 10.0  # log(50257) = 10.8 at the start
+    assert np.mean(losses[-5:]) < losses[0] - 3.0
+    assert result["eval_loss"] < 8.0 and result["tokens_per_second"] > 0 and 0 < result["mfu"] < 1
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = small_config(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1)
+    schedule = steps_lib.learning_rate_schedule(config.train, 100)
+    assert float(schedule(0)) == pytest.approx(1e-4)  # lr / warmup_steps: never 0 at step 0
+    assert float(schedule(5)) == pytest.approx(1e-4 + 5 / 10 * (1e-3 - 1e-4))
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(55)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4), rel=1e-5)  # cosine midpoint
+    assert float(schedule(100)) == pytest.approx(1e-4)
+
+
+def test_weight_decay_mask_covers_matrices_only():
+    cfg = ModelConfig(max_len=8, n_layer=1, n_head=2, d_model=8, d_ff=16, pos_embedding="learned")
+    params = steps_lib.create_train_state(cfg, steps_lib.make_optimizer(small_config().train, 10), 0).params
+    mask = steps_lib.weight_decay_mask(params)
+    assert mask["blocks_0"]["attn"]["qkv"]["kernel"] and mask["blocks_0"]["mlp"]["fc"]["kernel"]
+    assert not mask["blocks_0"]["attn"]["qkv"]["bias"] and not mask["blocks_0"]["ln_1"]["scale"]
+    assert not mask["ln_f"]["bias"]
+    assert mask["token_embedding"]["embedding"] and mask["position_embedding"]["embedding"]
+    no_embedding = steps_lib.weight_decay_mask(params, decay_embeddings=False)
+    assert not no_embedding["token_embedding"]["embedding"] and no_embedding["blocks_0"]["mlp"]["proj"]["kernel"]
+
+
+def test_gradient_accumulation_equals_one_bigger_batch():
+    config = small_config()
+    model_config = ModelConfig.from_config(config.model)
+    optimizer = steps_lib.make_optimizer(config.train, 10)
+    state = steps_lib.create_train_state(model_config, optimizer, seed=0)
+    batch = jax.random.randint(jax.random.PRNGKey(5), (8, 17), 0, 50257)
+    mesh = steps_lib.data_mesh(jax.devices()[:1])
+    sharding = steps_lib.state_sharding_of(state, mesh)
+    step = steps_lib.make_train_step(model_config, optimizer, mesh, sharding, seed=0, donate=False)
+    one, metrics_one = step(state, batch.reshape(1, 8, 17))
+    four, metrics_four = step(state, batch.reshape(4, 2, 17))
+    np.testing.assert_allclose(metrics_one["loss"], metrics_four["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+DEVICE_PARITY_SCRIPT = """
+import jax, numpy as np
+from gptjax import train_step as steps_lib
+from gptjax.model import ModelConfig
+from tests.test_train import small_config
+assert len(jax.devices()) == 4
+config = small_config()
+cfg = ModelConfig.from_config(config.model)
+opt = steps_lib.make_optimizer(config.train, 10)
+batches = jax.random.randint(jax.random.PRNGKey(1), (3, 2, 8, 17), 0, 50257)
+results = []
+for devices in (jax.devices()[:1], jax.devices()):
+    mesh = steps_lib.data_mesh(devices)
+    state = steps_lib.create_train_state(cfg, opt, seed=0)
+    sharding = steps_lib.state_sharding_of(state, mesh)
+    state = jax.device_put(state, sharding)
+    step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=True)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, steps_lib.global_batch(np.asarray(batch), mesh, jax.sharding.PartitionSpec(None, "data")))
+        losses.append(float(metrics["loss"]))
+    results.append((losses, state.params))
+    print(len(devices), "devices:", losses, "batch sharding:", step.lower(state, batches[0]).compile() is not None)
+np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+for a, b in zip(jax.tree_util.tree_leaves(results[0][1]), jax.tree_util.tree_leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+print("PARITY OK")
+"""
+
+
+def test_four_devices_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO_ROOT)
+    result = subprocess.run([sys.executable, "-c", DEVICE_PARITY_SCRIPT], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert "PARITY OK" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def test_resume_gives_the_same_run(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_and_evaluate(small_config(), straight, progress=False)
+    first = train_and_evaluate(small_config(stop_at_step=3), resumed, progress=False)  # pauses at step 3
+    assert first["step"] == 3
+    train_and_evaluate(small_config(), resumed, progress=False)  # the same command continues to step 8
+    assert [m["step"] for m in read_metrics(resumed)] == list(range(1, 9))
+    np.testing.assert_allclose([m["loss"] for m in read_metrics(resumed)],
+                               [m["loss"] for m in read_metrics(straight)], rtol=1e-6)
+    params_a, _ = restore_params(straight, small_config())
+    params_b, meta = restore_params(resumed, small_config())
+    assert meta["step"] == 8 and meta["data_position"]["step"] == 8
+    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(params_b)):
+        np.testing.assert_array_equal(a, b)
+
+
+def run_train_command(workdir, *overrides, **popen):
+    command = [sys.executable, "-m", "gptjax.train", "--config", "experiments/tiny.py", f"--workdir={workdir}",
+               "--config.model.max_len=16", "--config.model.n_layer=2", "--config.model.n_head=2",
+               "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.batch_size=4",
+               "--config.train.log_every=1", "--config.train.eval_every=0", *overrides]
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT), **popen)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_a_restorable_checkpoint(tmp_path, signal_number):
+    workdir = str(tmp_path)
+    process = run_train_command(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=100000")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Interrupted: saving step" in stderr
+    params, meta = restore_params(workdir, small_config(steps=100000))
+    assert meta["step"] >= 3 and np.isfinite(jax.tree_util.tree_leaves(params)[0]).all()
+
+
+def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path):
+    train_and_evaluate(small_config(steps=2), str(tmp_path), progress=False)
+    other = small_config(steps=4)
+    other.model.d_model = 64
+    with pytest.raises(UserError, match=r"another model shape \(model.d_model=32 there, 64 here\)"):
+        train_and_evaluate(other, str(tmp_path), progress=False)
+    result = subprocess.run([sys.executable, "-m", "gptjax.train", "--config", "experiments/tiny.py",
+                             f"--workdir={tmp_path}", "--config.model.max_len=16", "--config.model.n_layer=2",
+                             "--config.model.n_head=2", "--config.model.d_model=64", "--config.model.d_ff=64"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    train_and_evaluate(small_config(steps=4, checkpoint_every=2), str(tmp_path), progress=False)
+    latest = os.path.join(checkpoints.checkpoint_dir(str(tmp_path)), "4", "params")
+    for root, _, files in os.walk(latest):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    result = train_and_evaluate(small_config(steps=6, checkpoint_every=2), str(tmp_path), progress=False)
+    assert "checkpoint 4 in" in capsys.readouterr().err
+    assert result["step"] == 6
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train_and_evaluate(small_config(steps=2, checkpoint_every=2), str(tmp_path), progress=False)
+    with pytest.raises(UserError, match="became NaN/inf at step 3.*last good checkpoint is kept"):
+        train_and_evaluate(small_config(steps=6, checkpoint_every=1, learning_rate=float("inf")), str(tmp_path),
+                           progress=False)
+    manager = checkpoints.make_manager(str(tmp_path))
+    assert manager.latest_step() == 2
+
+
+def test_unknown_config_key_on_the_command_line_is_one_line():
+    result = subprocess.run([sys.executable, "-m", "gptjax.train", "--config.train.learning_rat=1"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: unknown config key 'train.learning_rat': train has no 'learning_rat'; "
+                                     "valid keys there: " + str(sorted(small_config().train.keys())))
+
+
+def test_two_processes_train_like_one(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    common = ["--config.train.steps=3", "--config.train.checkpoint_every=3", "--config.train.async_checkpoints=false"]
+    single = run_train_command(str(tmp_path / "single"), *common)
+    out_single, err_single = single.communicate(timeout=300)
+    assert single.returncode == 0, err_single[-2000:]
+    workers = [run_train_command(str(tmp_path / "multi"), *common, f"--config.train.coordinator_address=localhost:{port}",
+                                 "--config.train.num_processes=2", f"--config.train.process_id={i}")
+               for i in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+    single_losses = [m["loss"] for m in read_metrics(str(tmp_path / "single"))]
+    multi_losses = [m["loss"] for m in read_metrics(str(tmp_path / "multi"))]
+    np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+    assert "2 process(es)" in outputs[0][0]
