@@ -112,3 +112,22 @@ def set_aside(manager: ocp.CheckpointManager, workdir: str, step: int, problem: 
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def load_for_inference(workdir: str, step: int | None = None):
+    """(params, ModelConfig, meta) of the latest checkpoint in `workdir` (or `step`), without the optimizer state."""
+    from gptjax.model import GPT, ModelConfig
+
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise UserError(f"no checkpoints in {checkpoint_dir(workdir)}; train first (python -m gptjax.train "
+                        f"--workdir {workdir}) or pass the --workdir of a trained run")
+    manager = make_manager(workdir, async_save=False)
+    steps = usable_steps(manager)
+    if not steps:
+        raise UserError(f"no checkpoints in {checkpoint_dir(workdir)}; train first or pass another --workdir")
+    meta = read_meta(manager, step if step is not None else steps[0])
+    model_config = ModelConfig.from_config(meta["config"]["model"])
+    tokens = jax.ShapeDtypeStruct((1, model_config.max_len), jax.numpy.int32)
+    params_shape = jax.eval_shape(lambda t: GPT(model_config).init(jax.random.PRNGKey(0), t)["params"], tokens)
+    params, _, meta = restore_latest(manager, workdir, meta["config"]["model"], params_shape, step=step)
+    return params, model_config, meta

@@ -88,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     # Optimizer steps; 0 derives them from flop_budget.
     train.steps = 1000
+    # Start from the parameters of another run's latest checkpoint (a workdir, e.g. from gptjax.convert); '' = no.
+    train.init_from = ""
     # Pause at this step (checkpoint saved) and exit; rerun the same command to go on. 0 = run to the end.
     train.stop_at_step = 0
     # Training compute budget in FLOPs, used when steps = 0 (steps = budget / (FLOPs per token x tokens per step)).

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from gptjax import checkpoints, hardware, input_pipeline, sampling
+from gptjax.evaluate import evaluate_loss
 from gptjax import train_step as steps_lib
 from gptjax.configs import define_config_flag
 from gptjax.errors import UserError, exit_on_user_error
@@ -113,25 +114,6 @@ class MetricsLog:
         self.writer.flush()
 
 
-def evaluate_loss(params, eval_step, stream, seq_len: int, batch_size: int, max_batches: int, mesh) -> dict:
-    """Token-weighted mean loss over held-out windows (all of them when max_batches is 0)."""
-    loss_sum, tokens = 0.0, 0.0
-    rows = input_pipeline.process_rows(batch_size, jax.process_index(), jax.process_count())
-    local_rows = rows.stop - rows.start
-    for windows in input_pipeline.eval_batches(stream, seq_len, batch_size, max_batches):
-        weights = np.zeros((batch_size,), np.float32)
-        weights[: len(windows)] = 1.0
-        padded = np.zeros((batch_size, seq_len + 1), np.int32)
-        padded[: len(windows)] = windows
-        local = (padded[rows], weights[rows]) if local_rows < batch_size else (padded, weights)
-        out = eval_step(params, steps_lib.global_batch(local[0], mesh, PartitionSpec("data")),
-                        steps_lib.global_batch(local[1], mesh, PartitionSpec("data")))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = loss_sum / tokens
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
-
-
 def sample_text(params, model_config: ModelConfig, tokenizer, seed: int, max_new_tokens: int = 32) -> str:
     prompt = [tokenizer.eos_token_id]
     tokens = sampling.generate(params, model_config, prompt, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
@@ -191,6 +173,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     if restored is not None:
         params, opt_state, meta = restored
         state = state.replace(step=meta["step"], params=params, opt_state=opt_state)
+    elif train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
+        params, _, meta = checkpoints.load_for_inference(train.init_from)
+        checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)
+        state = state.replace(params=jax.device_put(params, state_sharding.params))
     start_step = int(state.step)
 
     tokens_per_step = train.batch_size * data.seq_len

@@ -160,8 +160,10 @@ def test_interrupt_saves_a_restorable_checkpoint(tmp_path, signal_number):
     process = run_train_command(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=100000")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3):
+    while time.time() < deadline and process.poll() is None and not (
+            os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3):
         time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-3000:]
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]

@@ -1,0 +1,127 @@
+"""`python -m gptjax.convert --hf DIR --workdir OUT`: a Hugging Face GPT-2 checkpoint as a gptjax checkpoint.
+
+DIR is what `GPT2LMHeadModel.save_pretrained` writes: config.json plus model.safetensors (or pytorch_model.bin,
+which needs PyTorch). The result is an ordinary gptjax workdir at step 0: `gptjax.sample` and `gptjax.evaluate`
+read it, and `gptjax.train --config.train.init_from=OUT` fine-tunes from it.
+
+GPT-2 stores its linear layers as Conv1D with weights [in, out], which is exactly a Flax Dense kernel, so every tensor
+maps over unchanged; only the embedding is padded from 50257 to 50304 rows (the padding is never predicted).
+"""
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+from gptjax import checkpoints
+from gptjax import train_step as steps_lib
+from gptjax.configs import base_config
+from gptjax.errors import UserError, exit_on_user_error
+from gptjax.model import ModelConfig, count_params
+
+
+def gpt2_model_config(hf_config: dict) -> dict:
+    """gptjax `model` keys for a Hugging Face GPT2Config: learned positions, tanh-GELU, biases, tied output."""
+    activation = hf_config.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise UserError(f"activation_function={activation!r} is not a GELU; gptjax converts GPT-2 models only")
+    return dict(vocab_size=hf_config["vocab_size"], max_len=hf_config["n_positions"], n_layer=hf_config["n_layer"],
+                n_head=hf_config["n_head"], d_model=hf_config["n_embd"],
+                d_ff=hf_config.get("n_inner") or 4 * hf_config["n_embd"], pos_embedding="learned",
+                activation="gelu", use_bias=True, tie_embeddings=True, dropout=0.0,
+                layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5))
+
+
+def read_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
+    """Tensor name -> float32 numpy array, with the 'transformer.' prefix of GPT2LMHeadModel removed."""
+    safetensors_path = os.path.join(hf_dir, "model.safetensors")
+    bin_path = os.path.join(hf_dir, "pytorch_model.bin")
+    if os.path.exists(safetensors_path):
+        from safetensors.numpy import load_file
+
+        tensors = load_file(safetensors_path)
+    elif os.path.exists(bin_path):
+        try:
+            import torch
+        except ImportError:
+            raise UserError(f"{bin_path} needs PyTorch to read; pip install torch, or save the model with "
+                            f"safe_serialization=True") from None
+        tensors = {k: v.float().numpy() for k, v in torch.load(bin_path, map_location="cpu").items()}
+    else:
+        raise UserError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin; pass the directory that "
+                        f"GPT2LMHeadModel.save_pretrained wrote")
+    return {k.removeprefix("transformer."): np.asarray(v, np.float32) for k, v in tensors.items()}
+
+
+def gpt2_params(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
+    """The gptjax parameter tree from GPT-2's tensors."""
+    def take(name):
+        if name not in state:
+            raise UserError(f"the checkpoint has no tensor {name!r}; is it a GPT-2 model?")
+        return state[name]
+
+    embedding = np.zeros((cfg.padded_vocab_size, cfg.d_model), np.float32)
+    embedding[: cfg.vocab_size] = take("wte.weight")
+    params = {"token_embedding": {"embedding": embedding},
+              "position_embedding": {"embedding": take("wpe.weight")},
+              "ln_f": {"scale": take("ln_f.weight"), "bias": take("ln_f.bias")}}
+    for i in range(cfg.n_layer):
+        h = f"h.{i}."
+        params[f"blocks_{i}"] = {
+            "ln_1": {"scale": take(h + "ln_1.weight"), "bias": take(h + "ln_1.bias")},
+            "attn": {"qkv": {"kernel": take(h + "attn.c_attn.weight"), "bias": take(h + "attn.c_attn.bias")},
+                     "proj": {"kernel": take(h + "attn.c_proj.weight"), "bias": take(h + "attn.c_proj.bias")}},
+            "ln_2": {"scale": take(h + "ln_2.weight"), "bias": take(h + "ln_2.bias")},
+            "mlp": {"fc": {"kernel": take(h + "mlp.c_fc.weight"), "bias": take(h + "mlp.c_fc.bias")},
+                    "proj": {"kernel": take(h + "mlp.c_proj.weight"), "bias": take(h + "mlp.c_proj.bias")}},
+        }
+    return params
+
+
+def convert(hf_dir: str, workdir: str) -> dict:
+    """Writes the converted checkpoint (step 0) to `workdir`; returns a summary."""
+    import jax
+
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise UserError(f"{config_path} does not exist; pass --hf the directory that save_pretrained wrote")
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    state = read_state_dict(hf_dir)
+    missing = [k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if k not in hf_config]
+    if missing:
+        raise UserError(f"{config_path} lacks {missing}; is it a GPT-2 config?")
+    config = base_config()
+    config.model.update(gpt2_model_config(hf_config))
+    config.data.seq_len = config.model.max_len
+    model_config = ModelConfig.from_config(config.model)
+
+    fresh = steps_lib.create_train_state(model_config, steps_lib.make_optimizer(config.train, 1), seed=0)
+    params = gpt2_params(state, model_config)
+    expected = jax.tree_util.tree_map(lambda x: x.shape, fresh.params)
+    got = jax.tree_util.tree_map(lambda x: x.shape, params)
+    if expected != got:
+        raise UserError(f"tensor shapes in {hf_dir} do not match its config.json")
+    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+    manager = checkpoints.make_manager(workdir, async_save=False)
+    if manager.all_steps():
+        raise UserError(f"{checkpoints.checkpoint_dir(workdir)} already has checkpoints; pick an empty --workdir")
+    meta = {"step": 0, "config": config.to_dict(), "tokenizer": config.data.tokenizer,
+            "data_position": None, "metrics": {}, "converted_from": os.path.abspath(hf_dir)}
+    checkpoints.save(manager, 0, params, fresh.opt_state, meta)
+    manager.wait_until_finished()
+    return {"workdir": os.path.abspath(workdir), "params": count_params(params), "model": config.model.to_dict()}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    with exit_on_user_error():
+        print(json.dumps(convert(flags.FLAGS.hf, flags.FLAGS.workdir)))
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("hf", None, "Hugging Face GPT-2 directory (config.json + model.safetensors).", required=True)
+    flags.DEFINE_string("workdir", None, "Where to write the gptjax checkpoint.", required=True)
+    app.run(main)

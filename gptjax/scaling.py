@@ -1,0 +1,113 @@
+"""`python -m gptjax.scaling --flops 1e17`: compute-optimal model and data size (Hoffmann et al. 2022, Chinchilla).
+
+Given a training budget C in FLOPs (or a device's FLOP/s, an expected MFU and hours), it prints:
+- the ~20-tokens-per-parameter rule with C = 6 N D:            N = sqrt(C / 120), D = 20 N;
+- the paper's fitted loss L(N, D) = E + A / N^alpha + B / D^beta (approach 3), minimised under C = 6 N D:
+      N_opt = G (C/6)^(beta/(alpha+beta)),  D_opt = (C/6) / N_opt,  G = (alpha A / (beta B))^(1/(alpha+beta));
+- the loss that fit predicts, and gptjax shapes near N_opt with their exact parameter counts.
+"""
+
+import argparse
+import json
+import math
+
+from gptjax.model import ModelConfig, flops_per_token, param_count
+
+# Hoffmann et al. 2022, section 3.3 / appendix D.2: the parametric fit of approach 3.
+CHINCHILLA_FIT = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+TOKENS_PER_PARAMETER = 20.0
+
+
+def twenty_tokens_rule(flops: float) -> tuple[float, float]:
+    """(N, D) with D = 20 N and C = 6 N D."""
+    n = math.sqrt(flops / (6 * TOKENS_PER_PARAMETER))
+    return n, TOKENS_PER_PARAMETER * n
+
+
+def fitted_optimum(flops: float, fit: dict = CHINCHILLA_FIT) -> tuple[float, float]:
+    """(N_opt, D_opt) minimising E + A/N^alpha + B/D^beta subject to 6 N D = C."""
+    alpha, beta = fit["alpha"], fit["beta"]
+    g = (alpha * fit["A"] / (beta * fit["B"])) ** (1 / (alpha + beta))
+    n = g * (flops / 6) ** (beta / (alpha + beta))
+    return n, flops / (6 * n)
+
+
+def predicted_loss(n: float, d: float, fit: dict = CHINCHILLA_FIT) -> float:
+    """The fit's loss in nats per token (on the paper's MassiveText and tokenizer, so a guide, not a promise)."""
+    return fit["E"] + fit["A"] / n ** fit["alpha"] + fit["B"] / d ** fit["beta"]
+
+
+def suggest_shapes(target_params: float, context: int = 256, count: int = 3) -> list[ModelConfig]:
+    """gptjax shapes with 64-wide heads, d_ff = 4 d_model and a sensible depth (d_model / n_layer in 24..80),
+    nearest in exact parameter count to `target_params`."""
+    candidates = []
+    for n_layer in range(2, 49):
+        for d_model in range(128, 4097, 64):
+            if 24 <= d_model / n_layer <= 80:
+                cfg = ModelConfig(max_len=context, n_layer=n_layer, d_model=d_model, n_head=d_model // 64,
+                                  d_ff=4 * d_model)
+                candidates.append((abs(math.log(param_count(cfg) / target_params)), cfg))
+    return [cfg for _, cfg in sorted(candidates, key=lambda c: c[0])[:count]]
+
+
+def report(flops: float, context: int = 256) -> dict:
+    n20, d20 = twenty_tokens_rule(flops)
+    n_opt, d_opt = fitted_optimum(flops)
+    shapes = []
+    for cfg in suggest_shapes(n_opt, context):
+        n = param_count(cfg)
+        tokens = flops / flops_per_token(cfg)
+        shapes.append({"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "d_ff": cfg.d_ff,
+                       "params": n, "tokens_at_budget": tokens, "predicted_loss": predicted_loss(n, tokens)})
+    seed = ModelConfig(max_len=context)  # the seed's shape, as experiments/m1.py
+    seed_params, seed_tokens = param_count(seed), flops / flops_per_token(seed)
+    return {"flops": flops, "rule_20_tokens": {"params": n20, "tokens": d20, "predicted_loss": predicted_loss(n20, d20)},
+            "fitted_optimum": {"params": n_opt, "tokens": d_opt, "predicted_loss": predicted_loss(n_opt, d_opt)},
+            "shapes": shapes,
+            "seed_shape": {"params": seed_params, "tokens": seed_tokens,
+                           "predicted_loss": predicted_loss(seed_params, seed_tokens)}}
+
+
+def explain(result: dict) -> str:
+    r20, opt = result["rule_20_tokens"], result["fitted_optimum"]
+    lines = [f"Budget C = {result['flops']:.3g} FLOPs (C = 6 N D)",
+             f"  20 tokens / parameter:  N = {r20['params'] / 1e6:.1f}M parameters, D = {r20['tokens'] / 1e9:.2f}B "
+             f"tokens, predicted loss {r20['predicted_loss']:.3f}",
+             f"  fitted L(N, D) optimum: N = {opt['params'] / 1e6:.1f}M parameters, D = {opt['tokens'] / 1e9:.2f}B "
+             f"tokens, predicted loss {opt['predicted_loss']:.3f}",
+             "  gptjax shapes near the optimum (exact parameter counts, tokens at 6N + 12LTD FLOPs per token):"]
+    for s in result["shapes"]:
+        lines.append(f"    n_layer={s['n_layer']:<3} d_model={s['d_model']:<5} n_head={s['n_head']:<3} "
+                     f"d_ff={s['d_ff']:<6} {s['params'] / 1e6:6.1f}M params  {s['tokens_at_budget'] / 1e9:.2f}B "
+                     f"tokens  loss {s['predicted_loss']:.3f}")
+    seed = result["seed_shape"]
+    lines.append(f"  the seed shape (experiments/m1.py: 8 x 256, 8 heads, d_ff 1024): {seed['params'] / 1e6:.1f}M "
+                 f"params, {seed['tokens'] / 1e9:.2f}B tokens, predicted loss {seed['predicted_loss']:.3f}")
+    lines.append(
+        "  It sits below the optimum in size and above it in tokens, and its predicted loss is within "
+        f"{seed['predicted_loss'] - opt['predicted_loss']:.3f} nats of the best: the loss surface is flat near the "
+        "optimum, so the seed keeps the round, fast 8 x 256 shape. At this size two thirds of N is the tied "
+        "50304 x d_model embedding (and its output matmul two thirds of the compute); gptjax counts 6N + 12LTD "
+        "FLOPs per token (attention included), slightly more than the paper's 6N.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flops", type=float, help="training budget in FLOPs, e.g. 1e17")
+    parser.add_argument("--device_flops", type=float, help="or: the device's peak FLOP/s ...")
+    parser.add_argument("--mfu", type=float, default=0.35, help="... the fraction of it training reaches ...")
+    parser.add_argument("--hours", type=float, help="... and the hours you have")
+    parser.add_argument("--context", type=int, default=256, help="context length of the suggested shapes")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.flops is None:
+        if args.device_flops is None or args.hours is None:
+            parser.error("give --flops, or --device_flops and --hours (and optionally --mfu)")
+        args.flops = args.device_flops * args.mfu * args.hours * 3600
+    result = report(args.flops, args.context)
+    print(json.dumps(result, indent=1) if args.json else explain(result))
+
+
+if __name__ == "__main__":
+    main()

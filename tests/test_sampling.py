@@ -1,0 +1,146 @@
+"""Sampling and evaluation: the KV-cache decoder against the full forward pass, the sampling filters, the command
+lines on a real (tiny, freshly trained) checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import sampling
+from gptjax.model import GPT, ModelConfig
+from tests.test_train import REPO_ROOT, read_metrics, small_config
+
+CFG = ModelConfig(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64)
+
+
+@pytest.fixture(scope="module")
+def params():
+    # Large random weights make the next-token distribution peaked and varied, so greedy paths are informative.
+    p = GPT(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, CFG.max_len), jnp.int32))["params"]
+    return jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, p)
+
+
+def test_cached_greedy_equals_full_forward_greedy(params):
+    prompt = [464, 2068, 7586, 21831]
+    cached = sampling.generate(params, CFG, prompt, jax.random.PRNGKey(0), max_new_tokens=12, temperature=0.0,
+                               num_samples=2, chunk=5)
+    reference = sampling.generate_greedy_uncached(params, CFG, prompt, 12, num_samples=2)
+    np.testing.assert_array_equal(cached, reference)
+    # ... and the uncached reference really is argmax of the model's full forward pass.
+    tokens = np.array([prompt + list(reference[0, :3])])
+    logits = GPT(CFG).apply({"params": params}, jnp.asarray(tokens))
+    assert int(jnp.argmax(logits[0, -1])) == reference[0, 3]
+
+
+def test_decoding_past_the_context_window_slides(params):
+    prompt = list(range(100, 130))  # longer than the 16-token window
+    fitted, dropped = sampling.fit_prompt(prompt, CFG, eos_id=50256)
+    assert dropped == 14 and fitted == prompt[14:]
+    out = sampling.generate(params, CFG, fitted, jax.random.PRNGKey(1), max_new_tokens=40, temperature=0.0)
+    assert out.shape == (1, 40)
+    # The first slide happens once the cache is full: until then cached and uncached greedy agree.
+    reference = sampling.generate_greedy_uncached(params, CFG, fitted, 1)
+    assert out[0, 0] == reference[0, 0]
+    assert sampling.fit_prompt([], CFG, eos_id=50256) == ([50256], 0)
+
+
+def test_top_k_never_leaves_the_k_best():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (1, 1000))
+    best = set(np.argsort(np.asarray(logits[0]))[-5:].tolist())
+    draws = jax.vmap(lambda key: sampling.sample_logits(logits, key, 2.0, top_k=5))(
+        jax.random.split(jax.random.PRNGKey(1), 2000))
+    assert set(np.asarray(draws).ravel().tolist()) == best  # all five appear, nothing else does
+
+
+def test_top_p_never_leaves_the_nucleus():
+    probs = np.array([0.5, 0.3, 0.1, 0.05, 0.05])
+    logits = jnp.log(jnp.asarray(probs))[None]
+    draws = jax.vmap(lambda key: sampling.sample_logits(logits, key, 1.0, top_p=0.85))(
+        jax.random.split(jax.random.PRNGKey(2), 3000))
+    assert set(np.asarray(draws).ravel().tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85 <= 0.5 + 0.3 + 0.1
+    only_best = jax.vmap(lambda key: sampling.sample_logits(logits, key, 1.0, top_p=0.4))(
+        jax.random.split(jax.random.PRNGKey(3), 200))
+    assert set(np.asarray(only_best).ravel().tolist()) == {0}
+
+
+def test_low_temperature_tends_to_greedy_and_seeds_reproduce(params):
+    logits = jax.random.normal(jax.random.PRNGKey(4), (8, 50304))
+    greedy = sampling.sample_logits(logits, jax.random.PRNGKey(5), temperature=0.0)
+    cold = sampling.sample_logits(logits, jax.random.PRNGKey(5), temperature=1e-4)
+    hot = jax.vmap(lambda key: sampling.sample_logits(logits, key, temperature=5.0))(
+        jax.random.split(jax.random.PRNGKey(6), 4))
+    np.testing.assert_array_equal(greedy, cold)
+    assert not (np.asarray(hot) == np.asarray(greedy)[None]).all()
+    a = sampling.generate(params, CFG, [1, 2, 3], jax.random.PRNGKey(7), max_new_tokens=10, num_samples=3)
+    b = sampling.generate(params, CFG, [1, 2, 3], jax.random.PRNGKey(7), max_new_tokens=10, num_samples=3)
+    c = sampling.generate(params, CFG, [1, 2, 3], jax.random.PRNGKey(8), max_new_tokens=10, num_samples=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    from gptjax.train import train_and_evaluate
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train_and_evaluate(small_config(steps=6, eval_every=6, checkpoint_every=6), workdir, progress=False)
+    return workdir
+
+
+def run_module(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+
+
+def test_sample_command_streams_text(trained_workdir):
+    result = run_module("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=The class statement",
+                        "--max_new_tokens=20", "--temperature=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("The class statement") and len(result.stdout) > len("The class statement")
+    again = run_module("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=The class statement",
+                       "--max_new_tokens=20", "--temperature=0")
+    assert again.stdout == result.stdout
+    many = run_module("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=", "--num_samples=3",
+                      "--max_new_tokens=8", "--prompt_file=" + os.path.join(REPO_ROOT, "README.md"))
+    assert many.returncode == 0 and many.stdout.count("--- sample") == 3
+    assert "keeping its last 16" in many.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top_p=1.5"], "--top_p=1.5 must be in (0, 1]"),
+    (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
+    (["--top_k=60000"], "--top_k=60000 must be between 0"),
+    (["--prompt_file=/no/such/file"], "cannot read --prompt_file"),
+])
+def test_bad_sample_options_are_one_line_errors(trained_workdir, args, message):
+    result = run_module("gptjax.sample", f"--workdir={trained_workdir}", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: " + message)
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    for module in ("gptjax.sample", "gptjax.evaluate"):
+        result = run_module(module, f"--workdir={tmp_path}")
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1].startswith("error: no checkpoints in")
+
+
+def test_evaluate_equals_the_eval_loss_logged_in_training(trained_workdir, tmp_path):
+    result = run_module("gptjax.evaluate", f"--workdir={trained_workdir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    logged = read_metrics(trained_workdir)[-1]
+    assert measured["eval_loss"] == pytest.approx(logged["eval_loss"], rel=1e-6)
+    assert measured["eval_perplexity"] == pytest.approx(np.exp(measured["eval_loss"]))
+    assert 0 < measured["eval_bits_per_byte"] < measured["eval_loss"]
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
+        (tmp_path / "readme.txt").write_text(f.read(), encoding="utf-8")
+    whole = json.loads(run_module("gptjax.evaluate", f"--workdir={trained_workdir}", "--max_batches=0",
+                                  "--source=text", f"--path={tmp_path / 'readme.txt'}", "--split=train")
+                       .stdout.strip().splitlines()[-1])
+    assert whole["source"] == "text" and whole["eval_tokens"] > 0

@@ -1,0 +1,47 @@
+import math
+
+import pytest
+
+from gptjax import scaling
+from gptjax.model import param_count
+
+
+def test_twenty_tokens_rule_by_hand():
+    n, d = scaling.twenty_tokens_rule(1e17)
+    assert n == pytest.approx(math.sqrt(1e17 / 120))  # 28.87M
+    assert d == pytest.approx(20 * n)
+    assert 6 * n * d == pytest.approx(1e17)
+
+
+def test_fitted_optimum_by_hand():
+    # Hand arithmetic from the paper's constants: a = beta/(alpha+beta) = 0.28/0.62,
+    # G = (0.34 * 406.4 / (0.28 * 410.7))^(1/0.62) = 1.2016^(1.6129) = 1.3448.
+    g = (0.34 * 406.4 / (0.28 * 410.7)) ** (1 / 0.62)
+    assert g == pytest.approx(1.3448, rel=1e-3)
+    n, d = scaling.fitted_optimum(1e17)
+    assert n == pytest.approx(g * (1e17 / 6) ** (0.28 / 0.62))
+    assert n == pytest.approx(28.5e6, rel=0.01) and d == pytest.approx(0.585e9, rel=0.01)
+    assert 6 * n * d == pytest.approx(1e17)
+    # At the optimum, moving along C = 6ND in either direction cannot lower the fitted loss.
+    best = scaling.predicted_loss(n, d)
+    for factor in (0.8, 1.25):
+        assert scaling.predicted_loss(n * factor, d / factor) > best
+
+
+def test_predicted_loss_formula():
+    assert scaling.predicted_loss(1e8, 2e9) == pytest.approx(1.69 + 406.4 / 1e8 ** 0.34 + 410.7 / 2e9 ** 0.28)
+
+
+def test_report_lands_near_the_seed_and_suggests_exact_shapes():
+    result = scaling.report(1e17)
+    assert 15e6 < result["fitted_optimum"]["params"] < 35e6 and result["fitted_optimum"]["tokens"] < 1e9
+    assert result["seed_shape"]["params"] == 19_196_416
+    assert result["seed_shape"]["predicted_loss"] - result["fitted_optimum"]["predicted_loss"] < 0.05
+    for shape in result["shapes"]:
+        assert abs(math.log(shape["params"] / result["fitted_optimum"]["params"])) < 0.1
+        assert shape["d_model"] % shape["n_head"] == 0
+
+
+def test_budget_from_device_hours(capsys):
+    scaling.main(["--device_flops", "10e12", "--mfu", "0.5", "--hours", "2", "--json"])
+    assert '"flops": 3.6e+16' in capsys.readouterr().out
