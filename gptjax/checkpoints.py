@@ -20,6 +20,12 @@ from gptjax.errors import UserError
 
 ITEMS = ("params", "opt_state", "meta")
 
+if not hasattr(jax.monitoring, "record_scalar"):
+    # orbax-checkpoint 0.11.24, the newest that installs beside jax 0.5.0 (the Apple/jax-metal stack), reports
+    # array sizes through jax.monitoring.record_scalar, which that JAX does not have yet. It only records
+    # monitoring metrics, so a no-op stands in for it.
+    jax.monitoring.record_scalar = lambda *args, **kwargs: None
+
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -40,7 +46,9 @@ def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dic
 
 def abstract(tree):
     """Shapes, dtypes and shardings of a tree of arrays (or of jax.eval_shape's output): what Orbax restores into."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Replicated over a one-device mesh: restores the same on orbax 0.11 (the Apple stack) and current releases.
+    default = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.local_devices()[:1], ("data",)),
+                                         jax.sharding.PartitionSpec())
 
     def spec(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default)
@@ -81,7 +89,8 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
         try:
             meta = read_meta(manager, candidate)
         except Exception as e:  # a damaged checkpoint: fall back to the one before
-            set_aside(manager, workdir, candidate, f"is unreadable ({type(e).__name__})")
+            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} is unreadable ({type(e).__name__}); "
+                 f"trying an older one")
             continue
         check_compatible(meta, model_config, workdir)
         items = {"params": ocp.args.StandardRestore(abstract(params_target))}
@@ -90,8 +99,8 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
         try:
             restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         except Exception as e:
-            set_aside(manager, workdir, candidate, f"could not be restored ({type(e).__name__}: "
-                                                   f"{str(e).splitlines()[0][:200]})")
+            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} could not be restored ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0][:200]}); trying an older one")
             continue
         return restored["params"], restored.get("opt_state") if opt_state_target is not None else None, meta
     if steps:
@@ -100,14 +109,19 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
     return None
 
 
-def set_aside(manager: ocp.CheckpointManager, workdir: str, step: int, problem: str) -> None:
-    """Moves a damaged checkpoint to <workdir>/checkpoints_damaged (kept for inspection, out of the way of new saves)."""
+def set_aside_newer(manager: ocp.CheckpointManager, workdir: str, restored_step: int) -> None:
+    """Moves checkpoints newer than the one training resumed from (they failed to load) to
+    <workdir>/checkpoints_damaged: kept for inspection, out of the way of the saves that will replace them."""
+    newer = [step for step in manager.all_steps() if step > restored_step]
+    if not newer:
+        return
     damaged = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
     os.makedirs(damaged, exist_ok=True)
-    target = os.path.join(damaged, f"{step}-{int(time.time())}")
-    os.replace(os.path.join(checkpoint_dir(workdir), str(step)), target)
+    for step in newer:
+        target = os.path.join(damaged, f"{step}-{int(time.time())}")
+        os.replace(os.path.join(checkpoint_dir(workdir), str(step)), target)
+        warn(f"moved the unloadable checkpoint {step} to {target}")
     manager.reload()
-    warn(f"checkpoint {step} in {checkpoint_dir(workdir)} {problem}; moved it to {target} and trying an older one")
 
 
 def warn(message: str) -> None:

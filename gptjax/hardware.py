@@ -26,7 +26,7 @@ KNOWN_PEAK_FLOPS = {
 
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
     """Best FLOP/s of an n x n @ n x n matmul on `device` (default: the first device), after a warm-up."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     a = jax.device_put(jnp.ones((n, n), dtype), device)
     b = jax.device_put(jnp.ones((n, n), dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)
@@ -43,7 +43,7 @@ def peak_flops_per_device(dtype_name: str, configured: float = 0.0) -> tuple[flo
     """(peak FLOP/s of one device, where the number comes from)."""
     if configured > 0:
         return configured, "train.peak_flops"
-    kind = jax.devices()[0].device_kind
+    kind = jax.local_devices()[0].device_kind
     if kind in KNOWN_PEAK_FLOPS:
         return KNOWN_PEAK_FLOPS[kind][dtype_name == "bfloat16"], f"datasheet for {kind}"
     dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32

@@ -35,7 +35,7 @@ from gptjax.tokenizer import load_tokenizer
 
 def maybe_initialize_distributed(train: ml_collections.ConfigDict) -> None:
     """Joins a multi-process run when train.coordinator_address is set (each process then feeds its own rows)."""
-    if not train.coordinator_address or jax.distributed.is_initialized():
+    if not train.coordinator_address or distributed_is_initialized():
         return
     try:  # CPU collectives across processes need gloo (the default in newer JAX)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -43,6 +43,15 @@ def maybe_initialize_distributed(train: ml_collections.ConfigDict) -> None:
         pass
     jax.distributed.initialize(coordinator_address=train.coordinator_address, num_processes=train.num_processes,
                                process_id=train.process_id)
+
+
+def distributed_is_initialized() -> bool:
+    """Without touching the backend (which must not start before jax.distributed.initialize)."""
+    if hasattr(jax.distributed, "is_initialized"):
+        return jax.distributed.is_initialized()
+    from jax._src import distributed  # jax 0.5 (the Apple stack) has no public spelling
+
+    return distributed.global_state.client is not None
 
 
 def planned_steps(config: ml_collections.ConfigDict, model_config: ModelConfig) -> int:
@@ -173,6 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     if restored is not None:
         params, opt_state, meta = restored
         state = state.replace(step=meta["step"], params=params, opt_state=opt_state)
+        checkpoints.set_aside_newer(manager, workdir, meta["step"])  # damaged ones we are about to overwrite
     elif train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
         params, _, meta = checkpoints.load_for_inference(train.init_from)
         checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)

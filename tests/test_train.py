@@ -195,7 +195,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     result = train_and_evaluate(small_config(steps=6, checkpoint_every=2), str(tmp_path), progress=False)
-    assert "checkpoint 4 in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "checkpoint 4 in" in err and "moved the unloadable checkpoint 4" in err
     assert result["step"] == 6
     assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
 

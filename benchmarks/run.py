@@ -1,0 +1,151 @@
+"""The benchmark suite: `python -m benchmarks.run [--config experiments/m1.py] [--quick]`.
+
+Measures on this machine, in one run, and prints a table and one JSON object:
+- matmul peak FLOP/s (the roofline every ratio is taken against);
+- training tokens/s and MFU of the real jitted `train_step` at the config's shape (on a CPU the batch defaults to 16
+  sequences, as nanoGPT's CPU reference point);
+- evaluation tokens/s;
+- sampling tokens/s with the KV cache at batch 1 and 8 (and without it, for the ratio);
+- input pipeline tokens/s (tokenizing and reading the cache);
+- with PyTorch installed, the same-shape Hugging Face GPT-2 (PyTorch) training step and `generate`, as references.
+Random weights and tokens: speed does not depend on them. Runs unchanged on a GPU (bfloat16 if the config asks).
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import input_pipeline as input_bench
+from benchmarks import sampling as sampling_bench
+from gptjax import hardware
+from gptjax import train_step as steps_lib
+from gptjax.configs import load_config_file
+from gptjax.model import ModelConfig, flops_per_token
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call: one warm-up call (compilation), then the best of `repeats`."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def train_speed(config, batch_size: int, accum: int, repeats: int) -> dict:
+    cfg = ModelConfig.from_config(config.model)
+    config.train.batch_size, config.train.grad_accum_steps = batch_size, accum
+    optimizer = steps_lib.make_optimizer(config.train, 1000)
+    mesh = steps_lib.data_mesh()
+    state = steps_lib.create_train_state(cfg, optimizer, seed=0)
+    sharding = steps_lib.state_sharding_of(state, mesh)
+    state = jax.device_put(state, sharding)
+    step = steps_lib.make_train_step(cfg, optimizer, mesh, sharding, seed=0, donate=False)
+    T = config.data.seq_len
+    batch = jax.random.randint(jax.random.PRNGKey(0), (accum, batch_size // accum, T + 1), 0, cfg.vocab_size)
+    seconds = timed(lambda: step(state, batch), repeats)
+    tokens = batch_size * T
+    eval_step = steps_lib.make_eval_step(cfg, mesh, sharding.params)
+    eval_batch = batch[0]
+    eval_seconds = timed(lambda: eval_step(state.params, eval_batch, jnp.ones((eval_batch.shape[0],))), repeats)
+    return {"train_tokens_per_second": tokens / seconds, "train_step_seconds": seconds,
+            "train_model_flops_per_second": tokens * flops_per_token(cfg) / seconds,
+            "eval_tokens_per_second": eval_batch.shape[0] * T / eval_seconds,
+            "batch_size": batch_size, "grad_accum_steps": accum, "seq_len": T, "dtype": cfg.dtype}
+
+
+def torch_reference(cfg: ModelConfig, batch_size: int, seq_len: int, repeats: int) -> dict:
+    """The same shape as Hugging Face's PyTorch GPT-2 (learned positions, GELU): AdamW step and generate."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return {}
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
+                                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff, resid_pdrop=0.0,
+                                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(hf_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
+
+    def step():
+        loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss  # HF shifts labels inside
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    results = {"torch_train_tokens_per_second": batch_size * seq_len / best}
+    model.eval()
+    for batch in (1, 8):
+        prompt = torch.full((batch, 1), 50256)
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+            start = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=255, min_new_tokens=255, do_sample=False,
+                                 pad_token_id=50256)
+        results[f"torch_generate_tokens_per_second_batch{batch}"] = (out.shape[1] - 1) * batch / (
+            time.perf_counter() - start)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="experiments/m1.py")
+    parser.add_argument("--batch_size", type=int, help="sequences per step (default: the config's on an "
+                                                        "accelerator, 16 on a CPU)")
+    parser.add_argument("--grad_accum_steps", type=int)
+    parser.add_argument("--dtype", help="override model.dtype (float32 / bfloat16)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="skip the PyTorch reference and the input pipeline")
+    args = parser.parse_args()
+
+    config = load_config_file(args.config)
+    if args.dtype:
+        config.model.dtype = args.dtype
+    on_cpu = jax.default_backend() == "cpu"
+    batch_size = args.batch_size or (16 if on_cpu else config.train.batch_size)
+    accum = args.grad_accum_steps or (1 if on_cpu else config.train.grad_accum_steps)
+    cfg = ModelConfig.from_config(config.model)
+    results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
+               "config": args.config}
+    matmul_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    results["matmul_peak_flops_per_second"] = hardware.measure_matmul_flops(
+        n=2048 if on_cpu else 8192, dtype=matmul_dtype) * jax.device_count()
+    results.update(train_speed(config, batch_size, accum, args.repeats))
+    results["mfu_vs_measured_matmul"] = results["train_model_flops_per_second"] / results[
+        "matmul_peak_flops_per_second"]
+    results.update(sampling_bench.run(args.config))
+    if not args.quick:
+        results.update({k: v for k, v in input_bench.run().items() if k.endswith("per_second")})
+        reference = torch_reference(cfg, batch_size, config.data.seq_len, args.repeats) if on_cpu else {}
+        results.update(reference)
+        if reference:
+            results["train_speed_vs_torch"] = results["train_tokens_per_second"] / reference[
+                "torch_train_tokens_per_second"]
+            for b in (1, 8):
+                results[f"sample_speed_vs_torch_batch{b}"] = results[f"sample_tokens_per_second_batch{b}_cached"] / \
+                    reference[f"torch_generate_tokens_per_second_batch{b}"]
+    width = max(map(len, results))
+    for key, value in results.items():
+        shown = f"{value:,.3f}" if isinstance(value, float) and abs(value) < 100 else (
+            f"{value:,.0f}" if isinstance(value, float) else str(value))
+        print(f"{key:<{width}}  {shown}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
