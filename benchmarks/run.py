@@ -46,7 +46,8 @@ def train_speed(config, batch_size: int, accum: int, repeats: int) -> dict:
     state = steps_lib.create_train_state(cfg, optimizer, seed=0)
     sharding = steps_lib.state_sharding_of(state, mesh)
     state = jax.device_put(state, sharding)
-    step = steps_lib.make_train_step(cfg, optimizer, mesh, sharding, seed=0, donate=False)
+    step = steps_lib.make_train_step(cfg, optimizer, mesh, sharding, seed=0, donate=False,
+                                     loss_chunk=hardware.loss_chunk_tokens(config.train.loss_chunk_tokens))
     T = config.data.seq_len
     batch = jax.random.randint(jax.random.PRNGKey(0), (accum, batch_size // accum, T + 1), 0, cfg.vocab_size)
     seconds = timed(lambda: step(state, batch), repeats)
@@ -109,6 +110,7 @@ def main() -> None:
                                                         "accelerator, 16 on a CPU)")
     parser.add_argument("--grad_accum_steps", type=int)
     parser.add_argument("--dtype", help="override model.dtype (float32 / bfloat16)")
+    parser.add_argument("--loss_chunk_tokens", type=int, help="override train.loss_chunk_tokens (0 = plain loss)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the PyTorch reference and the input pipeline")
     args = parser.parse_args()
@@ -116,12 +118,14 @@ def main() -> None:
     config = load_config_file(args.config)
     if args.dtype:
         config.model.dtype = args.dtype
+    if args.loss_chunk_tokens is not None:
+        config.train.loss_chunk_tokens = args.loss_chunk_tokens
     on_cpu = jax.default_backend() == "cpu"
     batch_size = args.batch_size or (16 if on_cpu else config.train.batch_size)
     accum = args.grad_accum_steps or (1 if on_cpu else config.train.grad_accum_steps)
     cfg = ModelConfig.from_config(config.model)
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
-               "config": args.config}
+               "config": args.config, "loss_chunk_tokens": hardware.loss_chunk_tokens(config.train.loss_chunk_tokens)}
     matmul_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     results["matmul_peak_flops_per_second"] = hardware.measure_matmul_flops(
         n=2048 if on_cpu else 8192, dtype=matmul_dtype) * jax.device_count()

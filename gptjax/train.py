@@ -211,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
         print(f"workdir  | {os.path.abspath(workdir)}" + (f" | resumed at step {start_step}" if start_step else ""))
 
     step_fn = steps_lib.make_train_step(model_config, optimizer, mesh, state_sharding, train.seed,
-                                        donate=hardware.supports_donation())
+                                        donate=hardware.supports_donation(),
+                                        loss_chunk=hardware.loss_chunk_tokens(train.loss_chunk_tokens))
     eval_fn = steps_lib.make_eval_step(model_config, mesh, state_sharding.params)
     schedule = steps_lib.learning_rate_schedule(train, total_steps)
     micro = train.grad_accum_steps

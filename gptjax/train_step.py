@@ -76,21 +76,88 @@ def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTrans
 # Loss and steps
 
 
-def next_token_loss(params, batch_BxT1, model: GPT, dropout_rng=None):
+def next_token_loss(params, batch_BxT1, model: GPT, dropout_rng=None, loss_chunk: int = 0):
     """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1], in float32.
 
-    The model already pushed the padded vocabulary entries to -inf-like logits, so they take no probability.
+    loss_chunk = 0 computes the full [B, T, V] logits (the model masks the padded vocabulary entries).
+    loss_chunk > 0 stops at the hidden states and uses `fused_output_loss` over chunks of that many tokens: same
+    value and gradients, but the logits are never stored or recomputed, which makes the step much faster.
     """
     inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
     deterministic = dropout_rng is None
     rngs = None if deterministic else {"dropout": dropout_rng}
-    logits_BxTxV = model.apply({"params": params}, inputs_BxT, deterministic=deterministic, rngs=rngs)
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
-    return losses_BxT.mean()
+    if not loss_chunk:
+        logits_BxTxV = model.apply({"params": params}, inputs_BxT, deterministic=deterministic, rngs=rngs)
+        losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+        return losses_BxT.mean()
+    hidden_BxTxD = model.apply({"params": params}, inputs_BxT, deterministic=deterministic, rngs=rngs,
+                               method=GPT.hidden_states)
+    cfg = model.config
+    if cfg.tie_embeddings:
+        output_VxD = params["token_embedding"]["embedding"]
+    else:
+        output_VxD = params["lm_head"]["kernel"].T
+    hidden_NxD = hidden_BxTxD.reshape(-1, cfg.d_model)
+    loss_sum = fused_output_loss(hidden_NxD, output_VxD.astype(cfg.compute_dtype), targets_BxT.reshape(-1),
+                                 cfg.vocab_size, loss_chunk)
+    return loss_sum / targets_BxT.size
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_output_loss(hidden_NxD, output_VxD, targets_N, vocab_size: int, chunk: int):
+    """Summed cross-entropy of logits = hidden @ output.T, computed `chunk` tokens at a time.
+
+    The loss is the last operation of the step, so its gradient can be formed in the forward pass: for each chunk,
+    softmax - onehot is turned straight into d_hidden and d_output while the chunk's logits are at hand. The backward
+    pass then only scales them. Nothing of size [N, V] is kept, and the logits are computed once instead of twice.
+    """
+    return _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)[0]
+
+
+def _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk):
+    N, D = hidden_NxD.shape
+    V = output_VxD.shape[0]
+    chunk = min(chunk, N)
+    padded = -(-N // chunk) * chunk  # pad to whole chunks; padding rows have weight 0
+    weights_N = jnp.pad(jnp.ones((N,), jnp.float32), (0, padded - N))
+    hidden_CxcxD = jnp.pad(hidden_NxD, ((0, padded - N), (0, 0))).reshape(-1, chunk, D)
+    targets_Cxc = jnp.pad(targets_N, (0, padded - N)).reshape(-1, chunk)
+    weights_Cxc = weights_N.reshape(-1, chunk)
+    padded_vocab_bias_V = jnp.where(jnp.arange(V) < vocab_size, 0.0, jnp.finfo(jnp.float32).min)
+
+    def one_chunk(grad_output_VxD, xs):
+        h_cxD, t_c, w_c = xs
+        logits_cxV = jnp.dot(h_cxD, output_VxD.T, preferred_element_type=jnp.float32) + padded_vocab_bias_V
+        max_cx1 = logits_cxV.max(axis=-1, keepdims=True)
+        exp_cxV = jnp.exp(logits_cxV - max_cx1)
+        sum_cx1 = exp_cxV.sum(axis=-1, keepdims=True)
+        target_logit_c = jnp.take_along_axis(logits_cxV, t_c[:, None], axis=-1)[:, 0]
+        losses_c = (max_cx1[:, 0] + jnp.log(sum_cx1[:, 0]) - target_logit_c) * w_c
+        # d loss / d logits = softmax - onehot(target), for the real (weight 1) rows only.
+        dlogits_cxV = (exp_cxV / sum_cx1).at[jnp.arange(chunk), t_c].add(-1.0) * w_c[:, None]
+        dlogits_cxV = dlogits_cxV.astype(output_VxD.dtype)
+        grad_h_cxD = jnp.dot(dlogits_cxV, output_VxD, preferred_element_type=jnp.float32)
+        grad_output_VxD = grad_output_VxD + jnp.dot(dlogits_cxV.T, h_cxD, preferred_element_type=jnp.float32)
+        return grad_output_VxD, (losses_c.sum(), grad_h_cxD)
+
+    grad_output_VxD, (losses_C, grad_h_CxcxD) = jax.lax.scan(
+        one_chunk, jnp.zeros((V, D), jnp.float32), (hidden_CxcxD, targets_Cxc, weights_Cxc))
+    grad_hidden_NxD = grad_h_CxcxD.reshape(padded, D)[:N]
+    return losses_C.sum(), (grad_hidden_NxD.astype(hidden_NxD.dtype), grad_output_VxD.astype(output_VxD.dtype),
+                            targets_N)
+
+
+def _fused_output_loss_bwd(vocab_size, chunk, residuals, g):
+    grad_hidden_NxD, grad_output_VxD, targets_N = residuals
+    zero_targets = np.zeros(targets_N.shape, jax.dtypes.float0)  # integer inputs get a symbolic zero gradient
+    return grad_hidden_NxD * g, grad_output_VxD * g, zero_targets
+
+
+fused_output_loss.defvjp(_fused_output_loss_fwd, _fused_output_loss_bwd)
 
 
 def train_step(state: TrainState, batch_AxBxT1, *, model: GPT, optimizer: optax.GradientTransformation, dropout_rng,
-               use_dropout: bool):
+               use_dropout: bool, loss_chunk: int = 0):
     """One optimizer step on A micro-batches of B sequences: gradients are averaged over the micro-batches.
 
     Accumulating with `lax.scan` means memory holds one micro-batch's activations at a time, and k micro-batches
@@ -101,7 +168,7 @@ def train_step(state: TrainState, batch_AxBxT1, *, model: GPT, optimizer: optax.
     def accumulate(grad_sum, micro):
         index, micro_batch_BxT1 = micro
         rng = jax.random.fold_in(step_rng, index) if use_dropout else None
-        loss, grads = jax.value_and_grad(next_token_loss)(state.params, micro_batch_BxT1, model, rng)
+        loss, grads = jax.value_and_grad(next_token_loss)(state.params, micro_batch_BxT1, model, rng, loss_chunk)
         return jax.tree_util.tree_map(jnp.add, grad_sum, grads), loss
 
     num_micro = batch_AxBxT1.shape[0]
@@ -140,11 +207,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, state_sharding,
-                    seed: int, donate: bool):
+                    seed: int, donate: bool, loss_chunk: int = 0):
     """`train_step(state, batch [A, B, T+1]) -> (state, metrics)`, jitted with the batch split over `mesh`."""
     model = GPT(model_config)
     step = functools.partial(train_step, model=model, optimizer=optimizer, dropout_rng=jax.random.PRNGKey(seed + 1),
-                             use_dropout=model_config.dropout > 0)
+                             use_dropout=model_config.dropout > 0, loss_chunk=loss_chunk)
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,) if donate else ())

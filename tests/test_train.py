@@ -238,3 +238,17 @@ def test_two_processes_train_like_one(tmp_path):
     multi_losses = [m["loss"] for m in read_metrics(str(tmp_path / "multi"))]
     np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
     assert "2 process(es)" in outputs[0][0]
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_fused_output_loss_equals_the_plain_loss_and_gradients(tie_embeddings):
+    cfg = ModelConfig(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64, tie_embeddings=tie_embeddings)
+    model = steps_lib.GPT(cfg)
+    params = model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 16), jax.numpy.int32))["params"]
+    batch = jax.random.randint(jax.random.PRNGKey(1), (3, 17), 0, 50257)
+    plain_loss, plain_grads = jax.value_and_grad(steps_lib.next_token_loss)(params, batch, model, None, 0)
+    for chunk in (7, 16, 1024):  # uneven (padded last chunk), even, and larger than the batch
+        loss, grads = jax.value_and_grad(steps_lib.next_token_loss)(params, batch, model, None, chunk)
+        np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(plain_grads), jax.tree_util.tree_leaves(grads)):
+            np.testing.assert_allclose(a, b, atol=1e-7)
