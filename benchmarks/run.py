@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import input_pipeline as input_bench
 from benchmarks import sampling as sampling_bench
@@ -125,7 +124,8 @@ def main() -> None:
     accum = args.grad_accum_steps or (1 if on_cpu else config.train.grad_accum_steps)
     cfg = ModelConfig.from_config(config.model)
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
-               "config": args.config, "loss_chunk_tokens": hardware.loss_chunk_tokens(config.train.loss_chunk_tokens)}
+               "config": args.config,
+               "loss_chunk_tokens": hardware.loss_chunk_tokens(config.train.loss_chunk_tokens)}
     matmul_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     results["matmul_peak_flops_per_second"] = hardware.measure_matmul_flops(
         n=2048 if on_cpu else 8192, dtype=matmul_dtype) * jax.device_count()

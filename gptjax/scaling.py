@@ -61,7 +61,8 @@ def report(flops: float, context: int = 256) -> dict:
                        "params": n, "tokens_at_budget": tokens, "predicted_loss": predicted_loss(n, tokens)})
     seed = ModelConfig(max_len=context)  # the seed's shape, as experiments/m1.py
     seed_params, seed_tokens = param_count(seed), flops / flops_per_token(seed)
-    return {"flops": flops, "rule_20_tokens": {"params": n20, "tokens": d20, "predicted_loss": predicted_loss(n20, d20)},
+    return {"flops": flops,
+            "rule_20_tokens": {"params": n20, "tokens": d20, "predicted_loss": predicted_loss(n20, d20)},
             "fitted_optimum": {"params": n_opt, "tokens": d_opt, "predicted_loss": predicted_loss(n_opt, d_opt)},
             "shapes": shapes,
             "seed_shape": {"params": seed_params, "tokens": seed_tokens,

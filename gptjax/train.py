@@ -10,11 +10,11 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from absl import app, flags, logging
 from jax.sharding import PartitionSpec
@@ -279,6 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
             clock, clock_step = time.perf_counter(), step  # evaluation and saving do not count against speed
     except (KeyboardInterrupt, StopRequested):
         bar.close()
+        step = int(state.step)  # the state is the truth if the interrupt landed between the step and the count
         params_are_finite = bool(jax.numpy.isfinite(optax.global_norm(state.params)))
         if step > start_step and step not in manager.all_steps() and params_are_finite:
             if is_chief:
@@ -297,8 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
 
 
 def is_main_thread() -> bool:
-    import threading
-
+    """Signal handlers can only be installed from the main thread (tests may run training elsewhere)."""
     return threading.current_thread() is threading.main_thread()
 
 

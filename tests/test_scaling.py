@@ -3,7 +3,6 @@ import math
 import pytest
 
 from gptjax import scaling
-from gptjax.model import param_count
 
 
 def test_twenty_tokens_rule_by_hand():

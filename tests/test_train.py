@@ -110,7 +110,8 @@ for devices in (jax.devices()[:1], jax.devices()):
     step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=True)
     losses = []
     for batch in batches:
-        state, metrics = step(state, steps_lib.global_batch(np.asarray(batch), mesh, jax.sharding.PartitionSpec(None, "data")))
+        spec = jax.sharding.PartitionSpec(None, "data")
+        state, metrics = step(state, steps_lib.global_batch(np.asarray(batch), mesh, spec))
         losses.append(float(metrics["loss"]))
     results.append((losses, state.params))
     print(len(devices), "devices:", losses, "batch sharding:", step.lower(state, batches[0]).compile() is not None)
@@ -228,7 +229,8 @@ def test_two_processes_train_like_one(tmp_path):
     single = run_train_command(str(tmp_path / "single"), *common)
     out_single, err_single = single.communicate(timeout=300)
     assert single.returncode == 0, err_single[-2000:]
-    workers = [run_train_command(str(tmp_path / "multi"), *common, f"--config.train.coordinator_address=localhost:{port}",
+    workers = [run_train_command(str(tmp_path / "multi"), *common,
+                                 f"--config.train.coordinator_address=localhost:{port}",
                                  "--config.train.num_processes=2", f"--config.train.process_id={i}")
                for i in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
