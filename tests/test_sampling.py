@@ -144,3 +144,11 @@ def test_evaluate_equals_the_eval_loss_logged_in_training(trained_workdir, tmp_p
                                   "--source=text", f"--path={tmp_path / 'readme.txt'}", "--split=train")
                        .stdout.strip().splitlines()[-1])
     assert whole["source"] == "text" and whole["eval_tokens"] > 0
+
+
+def test_plot_draws_the_loss_curves(trained_workdir):
+    from gptjax.plot import plot_metrics
+
+    path = plot_metrics(trained_workdir)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
