@@ -43,7 +43,7 @@ def train_speed(config, batch_size: int, accum: int, repeats: int) -> dict:
     optimizer = steps_lib.make_optimizer(config.train, 1000)
     mesh = steps_lib.data_mesh()
     state = steps_lib.create_train_state(cfg, optimizer, seed=0)
-    sharding = steps_lib.state_sharding_of(state, mesh)
+    sharding = steps_lib.replicated_sharding(state, mesh)
     state = jax.device_put(state, sharding)
     step = steps_lib.make_train_step(cfg, optimizer, mesh, sharding, seed=0, donate=False,
                                      loss_chunk=hardware.loss_chunk_tokens(config.train.loss_chunk_tokens))

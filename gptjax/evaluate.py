@@ -103,7 +103,7 @@ def main(argv):
         mesh = steps_lib.data_mesh()
         if batch_size % mesh.size:
             raise UserError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices")
-        params_sharding = jax.tree_util.tree_map(lambda _: steps_lib.replicated(mesh), params)
+        params_sharding = steps_lib.replicated_sharding(params, mesh)
         eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding)
         results = evaluate_loss(params, eval_step, cache.stream(FLAGS.split), config.data.seq_len, batch_size,
                                 max_batches, mesh, token_byte_lengths(config.data.tokenizer,

@@ -174,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     # State: fresh from the seed, then replaced by the latest checkpoint if the workdir has one.
     optimizer = steps_lib.make_optimizer(train, total_steps)
     abstract_state = jax.eval_shape(lambda: steps_lib.create_train_state(model_config, optimizer, train.seed))
-    state_sharding = steps_lib.state_sharding_of(abstract_state, mesh)
+    state_sharding = steps_lib.replicated_sharding(abstract_state, mesh)
     state = jax.jit(lambda: steps_lib.create_train_state(model_config, optimizer, train.seed),
                     out_shardings=state_sharding)()
     manager = checkpoints.make_manager(workdir, keep=train.keep_checkpoints, async_save=train.async_checkpoints)

@@ -223,9 +223,9 @@ def make_eval_step(model_config: ModelConfig, mesh: Mesh, params_sharding):
     return jax.jit(step, in_shardings=(params_sharding, data, data), out_shardings=replicated(mesh))
 
 
-def state_sharding_of(state: TrainState, mesh: Mesh):
-    """Every array of the state replicated on every device (data parallelism)."""
-    return jax.tree_util.tree_map(lambda _: replicated(mesh), state)
+def replicated_sharding(tree, mesh: Mesh):
+    """A sharding for every array of `tree` (a train state, or params): replicated on every device."""
+    return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
 
 
 def global_batch(local_batch: np.ndarray, mesh: Mesh, spec: PartitionSpec) -> jax.Array:

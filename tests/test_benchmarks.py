@@ -1,17 +1,12 @@
 """The benchmark suite runs end to end (speed itself is measured, never asserted: see benchmarks/)."""
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.test_train import REPO_ROOT
+from tests.test_train import run_module
 
 
 def test_benchmark_suite_reports_ratios_against_the_measured_peak():
-    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--config", "experiments/tiny.py", "--quick",
-                             "--repeats", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    result = run_module("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--repeats", "1", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["train_tokens_per_second"] > 0 and report["eval_tokens_per_second"] > 0

@@ -3,8 +3,6 @@ the same logits and the same greedy continuation."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ from gptjax.checkpoints import load_for_inference
 from gptjax.convert import convert
 from gptjax.errors import UserError
 from gptjax.model import GPT
-from tests.test_train import REPO_ROOT, read_metrics, small_config
+from tests.test_train import read_metrics, run_module, small_config
 
 torch = pytest.importorskip("torch", reason="PyTorch is a test-only dependency: pip install -e .[test]")
 transformers = pytest.importorskip("transformers")
@@ -58,9 +56,7 @@ def test_converted_gpt2_matches_hugging_face(hf_gpt2, tmp_path):
 def test_sample_and_fine_tune_from_a_converted_checkpoint(hf_gpt2, tmp_path):
     _, directory = hf_gpt2
     converted = str(tmp_path / "converted")
-    result = subprocess.run([sys.executable, "-m", "gptjax.convert", f"--hf={directory}", f"--workdir={converted}"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    result = run_module("gptjax.convert", f"--hf={directory}", f"--workdir={converted}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["model"]["n_layer"] == 2
     from gptjax.train import train_and_evaluate

@@ -3,8 +3,6 @@ lines on a real (tiny, freshly trained) checkpoint."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ import pytest
 
 from gptjax import sampling
 from gptjax.model import GPT, ModelConfig
-from tests.test_train import REPO_ROOT, read_metrics, small_config
+from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
 
 CFG = ModelConfig(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64)
 
@@ -90,11 +88,6 @@ def trained_workdir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     train_and_evaluate(small_config(steps=6, eval_every=6, checkpoint_every=6), workdir, progress=False)
     return workdir
-
-
-def run_module(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
 
 
 def test_sample_command_streams_text(trained_workdir):

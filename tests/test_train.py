@@ -21,6 +21,12 @@ from gptjax.train import train_and_evaluate
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_module(module, *args, timeout=300):
+    """`python -m module args` from the repository root, as a user runs it; output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+
+
 def small_config(**train):
     config = load_config_file(os.path.join(REPO_ROOT, "experiments/tiny.py"))
     config.model.update(dict(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64))
@@ -82,7 +88,7 @@ def test_gradient_accumulation_equals_one_bigger_batch():
     state = steps_lib.create_train_state(model_config, optimizer, seed=0)
     batch = jax.random.randint(jax.random.PRNGKey(5), (8, 17), 0, 50257)
     mesh = steps_lib.data_mesh(jax.devices()[:1])
-    sharding = steps_lib.state_sharding_of(state, mesh)
+    sharding = steps_lib.replicated_sharding(state, mesh)
     step = steps_lib.make_train_step(model_config, optimizer, mesh, sharding, seed=0, donate=False)
     one, metrics_one = step(state, batch.reshape(1, 8, 17))
     four, metrics_four = step(state, batch.reshape(4, 2, 17))
@@ -105,7 +111,7 @@ results = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = steps_lib.data_mesh(devices)
     state = steps_lib.create_train_state(cfg, opt, seed=0)
-    sharding = steps_lib.state_sharding_of(state, mesh)
+    sharding = steps_lib.replicated_sharding(state, mesh)
     state = jax.device_put(state, sharding)
     step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=True)
     losses = []
@@ -179,11 +185,9 @@ def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path):
     other.model.d_model = 64
     with pytest.raises(UserError, match=r"another model shape \(model.d_model=32 there, 64 here\)"):
         train_and_evaluate(other, str(tmp_path), progress=False)
-    result = subprocess.run([sys.executable, "-m", "gptjax.train", "--config", "experiments/tiny.py",
-                             f"--workdir={tmp_path}", "--config.model.max_len=16", "--config.model.n_layer=2",
-                             "--config.model.n_head=2", "--config.model.d_model=64", "--config.model.d_ff=64"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    result = run_module("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={tmp_path}",
+                        "--config.model.max_len=16", "--config.model.n_layer=2", "--config.model.n_head=2",
+                        "--config.model.d_model=64", "--config.model.d_ff=64")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in")
 
@@ -212,8 +216,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_unknown_config_key_on_the_command_line_is_one_line():
-    result = subprocess.run([sys.executable, "-m", "gptjax.train", "--config.train.learning_rat=1"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    result = run_module("gptjax.train", "--config.train.learning_rat=1", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: unknown config key 'train.learning_rat': train has no 'learning_rat'; "
                                      "valid keys there: " + str(sorted(small_config().train.keys())))
