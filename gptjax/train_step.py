@@ -123,19 +123,22 @@ def _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)
     hidden_CxcxD = jnp.pad(hidden_NxD, ((0, padded - N), (0, 0))).reshape(-1, chunk, D)
     targets_Cxc = jnp.pad(targets_N, (0, padded - N)).reshape(-1, chunk)
     weights_Cxc = weights_N.reshape(-1, chunk)
-    padded_vocab_bias_V = jnp.where(jnp.arange(V) < vocab_size, 0.0, jnp.finfo(jnp.float32).min)
+    is_real_1xV = (jnp.arange(V) < vocab_size)[None, :]  # padded vocabulary entries get probability 0
 
     def one_chunk(grad_output_VxD, xs):
         h_cxD, t_c, w_c = xs
-        logits_cxV = jnp.dot(h_cxD, output_VxD.T, preferred_element_type=jnp.float32) + padded_vocab_bias_V
-        max_cx1 = logits_cxV.max(axis=-1, keepdims=True)
-        exp_cxV = jnp.exp(logits_cxV - max_cx1)
-        sum_cx1 = exp_cxV.sum(axis=-1, keepdims=True)
+        logits_cxV = jnp.dot(h_cxD, output_VxD.T, preferred_element_type=jnp.float32)
+        # On a CPU every elementwise pass over the [c, V] logits is bound by memory, so there are three, each a single
+        # fused loop: the max, the sum of exponentials, and the gradient (no bias add, no separate softmax).
+        max_cx1 = jnp.where(is_real_1xV, logits_cxV, -jnp.inf).max(axis=-1, keepdims=True)
+        sum_cx1 = jnp.where(is_real_1xV, jnp.exp(logits_cxV - max_cx1), 0.0).sum(axis=-1, keepdims=True)
+        logsumexp_cx1 = max_cx1 + jnp.log(sum_cx1)
         target_logit_c = jnp.take_along_axis(logits_cxV, t_c[:, None], axis=-1)[:, 0]
-        losses_c = (max_cx1[:, 0] + jnp.log(sum_cx1[:, 0]) - target_logit_c) * w_c
+        losses_c = (logsumexp_cx1[:, 0] - target_logit_c) * w_c
         # d loss / d logits = softmax - onehot(target), for the real (weight 1) rows only.
-        dlogits_cxV = (exp_cxV / sum_cx1).at[jnp.arange(chunk), t_c].add(-1.0) * w_c[:, None]
-        dlogits_cxV = dlogits_cxV.astype(output_VxD.dtype)
+        is_target_cxV = jnp.arange(V)[None, :] == t_c[:, None]
+        softmax_cxV = jnp.where(is_real_1xV, jnp.exp(logits_cxV - logsumexp_cx1), 0.0)
+        dlogits_cxV = ((softmax_cxV - is_target_cxV) * w_c[:, None]).astype(output_VxD.dtype)
         grad_h_cxD = jnp.dot(dlogits_cxV, output_VxD, preferred_element_type=jnp.float32)
         grad_output_VxD = grad_output_VxD + jnp.dot(dlogits_cxV.T, h_cxD, preferred_element_type=jnp.float32)
         return grad_output_VxD, (losses_c.sum(), grad_h_cxD)

@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +7,8 @@ import pytest
 
 from gptjax.configs import load_config_file
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, param_count, sinusoidal_positions
+from gptjax.model import (GPT, ModelConfig, chunked_causal_attention, count_params, flops_per_token, param_count,
+                          sequences_per_attention_chunk, sinusoidal_positions)
 
 VARIATIONS = [
     dict(),  # the seed: sinusoidal, ReLU, biases, tied
@@ -104,6 +107,40 @@ def test_kv_cache_matches_full_forward(small_model_config):
             np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-4)
 
 
+@pytest.mark.parametrize("sequences_per_chunk", [1, 2, 4])
+def test_chunked_attention_equals_jax_attention_and_its_gradients(sequences_per_chunk):
+    q, k, v, dy = (jax.random.normal(key, (4, 12, 3, 8)) for key in jax.random.split(jax.random.PRNGKey(0), 4))
+
+    def loss(attention, q, k, v):
+        return (attention(q, k, v) * dy).sum()  # a random cotangent checks every output's gradient
+
+    reference = functools.partial(jax.nn.dot_product_attention, is_causal=True)
+    chunked = functools.partial(chunked_causal_attention, sequences_per_chunk=sequences_per_chunk)
+    np.testing.assert_allclose(chunked(q, k, v), reference(q, k, v), atol=1e-5)
+    for got, want in zip(jax.grad(loss, argnums=(1, 2, 3))(chunked, q, k, v),
+                         jax.grad(loss, argnums=(1, 2, 3))(reference, q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_attention_choices_give_the_same_model_gradients(small_model_config):
+    params, tokens = init(small_model_config, batch=4)
+
+    def loss(params, attention):
+        logits = GPT(small_model_config.replace(attention=attention)).apply({"params": params}, tokens)
+        return logits[..., :small_model_config.vocab_size].std()
+
+    for got, want in zip(jax.tree_util.tree_leaves(jax.grad(loss)(params, "chunked")),
+                         jax.tree_util.tree_leaves(jax.grad(loss)(params, "xla"))):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_attention_chunks_fit_the_cache_and_divide_the_batch():
+    assert sequences_per_attention_chunk(B=16, N=8, T=256) == 2  # m1: one sequence's scores are 2 MiB
+    assert sequences_per_attention_chunk(B=12, N=8, T=256, cache_bytes=8 << 20) == 4
+    assert sequences_per_attention_chunk(B=7, N=8, T=256, cache_bytes=8 << 20) == 1
+    assert sequences_per_attention_chunk(B=2, N=12, T=1024) == 1  # GPT-2: bigger than the budget, one at a time
+
+
 def test_m1_is_about_20m_parameters_and_flops_follow():
     config = load_config_file("experiments/m1.py")
     cfg = ModelConfig.from_config(config.model)
@@ -119,3 +156,5 @@ def test_bad_model_configs_are_clear_errors():
         ModelConfig.from_config(dict(pos_embedding="alibi"))
     with pytest.raises(UserError, match=r"unknown model config key\(s\) \['n_layers'\]"):
         ModelConfig.from_config(dict(n_layers=3))
+    with pytest.raises(UserError, match="model.attention='flash' is not one of"):
+        ModelConfig.from_config(dict(attention="flash"))
