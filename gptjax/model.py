@@ -153,6 +153,16 @@ def attention_scores(q_BxTxNxH, k_BxSxNxH) -> jax.Array:
     return jnp.where(causal_mask(jnp.arange(T), S), scores_BxNxTxS, jnp.finfo(jnp.float32).min)
 
 
+def cached_attention(q_BxTxNxH, k_BxNxSxH, v_BxNxSxH, positions_T) -> jax.Array:
+    """T new queries at absolute `positions_T` attend over a KV cache of S slots; empty future slots are masked."""
+    H, S = q_BxTxNxH.shape[-1], k_BxNxSxH.shape[2]
+    scores_BxNxTxS = jnp.einsum("btnh,bnsh->bnts", q_BxTxNxH, k_BxNxSxH,
+                                preferred_element_type=jnp.float32) / np.sqrt(H)
+    scores_BxNxTxS = jnp.where(causal_mask(positions_T, S), scores_BxNxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(v_BxNxSxH.dtype)
+    return jnp.einsum("bnts,bnsh->btnh", probs_BxNxTxS, v_BxNxSxH)
+
+
 def _attention_forward(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH):
     """Softmax attention that also returns each query's log-sum-exp, from which the backward pass rebuilds it."""
     scores_BxNxTxT = attention_scores(q_BxTxNxH, k_BxTxNxH)
@@ -233,7 +243,7 @@ class CausalSelfAttention(nn.Module):
     """Multi-head scaled dot-product attention where each position sees only itself and the past.
 
     With `decode=True` it keeps the keys and values of earlier calls in a preallocated cache (collection 'cache',
-    [B, max_len, N, H] per layer), so sampling processes the prompt once and then one new token per step.
+    [B, N, max_len, H] per layer), so sampling processes the prompt once and then one new token per step.
     """
 
     config: ModelConfig
@@ -249,22 +259,24 @@ class CausalSelfAttention(nn.Module):
             q_BxTxNxH = apply_rope(q_BxTxNxH, positions_T, cfg.rope_base)
             k_BxTxNxH = apply_rope(k_BxTxNxH, positions_T, cfg.rope_base)
 
-        if decode and self.has_variable("cache", "key"):
+        has_cache = decode and self.has_variable("cache", "key")  # False in `init`, which creates the cache
+        if decode:
+            # The cache is heads-major, [B, N, max_len, H]: the attention dots read it as it is, where a
+            # [B, max_len, N, H] cache would be transposed whole at every decoding step.
+            shape, dtype = (B, N, cfg.max_len, H), k_BxTxNxH.dtype
+            cached_key = self.variable("cache", "key", jnp.zeros, shape, dtype)
+            cached_value = self.variable("cache", "value", jnp.zeros, shape, dtype)
+        if has_cache:
             # Write this call's keys/values at their absolute positions, then attend over the whole cache.
             # The start is clamped here because jax-metal does not clamp dynamic_update_slice as XLA does;
             # gptjax.sampling never asks to write past the window.
-            cached_key = self.variable("cache", "key", jnp.zeros, (B, cfg.max_len, N, H), k_BxTxNxH.dtype)
-            cached_value = self.variable("cache", "value", jnp.zeros, (B, cfg.max_len, N, H), v_BxTxNxH.dtype)
             start = jnp.clip(positions_T[0], 0, cfg.max_len - T)
-            cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_BxTxNxH, (0, start, 0, 0))
-            cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BxTxNxH, (0, start, 0, 0))
-            k_BxSxNxH, v_BxSxNxH = cached_key.value, cached_value.value
-            mask = causal_mask(positions_T, cfg.max_len)  # empty future slots of the cache are masked too
-            y_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask=mask)
+            cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(k_BxTxNxH, 1, 2),
+                                                            (0, 0, start, 0))
+            cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(v_BxTxNxH, 1, 2),
+                                                              (0, 0, start, 0))
+            y_BxTxNxH = cached_attention(q_BxTxNxH, cached_key.value, cached_value.value, positions_T)
         else:
-            if decode:  # first call, from `init`: create the empty cache
-                self.variable("cache", "key", jnp.zeros, (B, cfg.max_len, N, H), k_BxTxNxH.dtype)
-                self.variable("cache", "value", jnp.zeros, (B, cfg.max_len, N, H), v_BxTxNxH.dtype)
             if resolve_attention(cfg.attention) == "chunked":
                 y_BxTxNxH = chunked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH,
                                                      sequences_per_attention_chunk(B, N, T))

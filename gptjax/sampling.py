@@ -47,7 +47,7 @@ class DecodeState:
     length: jax.Array  # how many entries of tokens_BxL are filled
     cache_position: jax.Array  # how many tokens the KV cache holds = absolute position of the next token
     logits_BxV: jax.Array  # the model's prediction for the next token
-    cache: dict  # per layer: key and value [B, max_len, N, H]
+    cache: dict  # per layer: key and value [B, N, max_len, H]
     done_B: jax.Array  # True once a sample has emitted end-of-text
     rng: jax.Array
 
