@@ -7,7 +7,8 @@ Measures on this machine, in one run, and prints a table and one JSON object:
 - evaluation tokens/s;
 - sampling tokens/s with the KV cache at batch 1 and 8 (and without it, for the ratio);
 - input pipeline tokens/s (tokenizing and reading the cache);
-- with PyTorch installed, the same-shape Hugging Face GPT-2 (PyTorch) training step and `generate`, as references.
+- with PyTorch installed, the same-shape Hugging Face GPT-2 (PyTorch) training step and `generate`, as references,
+  timed taking turns with gptjax's so that both see the same load on a shared machine.
 Random weights and tokens: speed does not depend on them. Runs unchanged on a GPU (bfloat16 if the config asks).
 """
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 from benchmarks import input_pipeline as input_bench
 from benchmarks import sampling as sampling_bench
-from gptjax import hardware
+from gptjax import hardware, sampling
 from gptjax import train_step as steps_lib
 from gptjax.configs import load_config_file
 from gptjax.model import ModelConfig, flops_per_token
@@ -28,16 +29,27 @@ from gptjax.model import ModelConfig, flops_per_token
 
 def timed(fn, repeats: int) -> float:
     """Seconds per call: one warm-up call (compilation), then the best of `repeats`."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return alternated({"fn": fn}, repeats)["fn"]
+
+
+def alternated(functions: dict, rounds: int) -> dict:
+    """Best seconds per call of each function, calling them in turn for `rounds` rounds after one warm-up call each.
+
+    Taking turns puts every contender in the same minutes of a shared machine, so its noise hits them alike.
+    """
+    for fn in functions.values():
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
+    best = {name: float("inf") for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
-def train_speed(config, batch_size: int, accum: int, repeats: int) -> dict:
+def make_train_step(config, batch_size: int, accum: int):
+    """(cfg, state, jitted train step, a random batch [accum, batch / accum, T + 1]) at the config's shape."""
     cfg = ModelConfig.from_config(config.model)
     config.train.batch_size, config.train.grad_accum_steps = batch_size, accum
     optimizer = steps_lib.make_optimizer(config.train, 1000)
@@ -49,9 +61,16 @@ def train_speed(config, batch_size: int, accum: int, repeats: int) -> dict:
                                      loss_chunk=hardware.loss_chunk_tokens(config.train.loss_chunk_tokens))
     T = config.data.seq_len
     batch = jax.random.randint(jax.random.PRNGKey(0), (accum, batch_size // accum, T + 1), 0, cfg.vocab_size)
+    return cfg, state, step, batch
+
+
+def train_speed(config, batch_size: int, accum: int, repeats: int) -> dict:
+    cfg, state, step, batch = make_train_step(config, batch_size, accum)
+    T = config.data.seq_len
     seconds = timed(lambda: step(state, batch), repeats)
     tokens = batch_size * T
-    eval_step = steps_lib.make_eval_step(cfg, mesh, sharding.params)
+    mesh = steps_lib.data_mesh()
+    eval_step = steps_lib.make_eval_step(cfg, mesh, steps_lib.replicated_sharding(state.params, mesh))
     eval_batch = batch[0]
     eval_seconds = timed(lambda: eval_step(state.params, eval_batch, jnp.ones((eval_batch.shape[0],))), repeats)
     return {"train_tokens_per_second": tokens / seconds, "train_step_seconds": seconds,
@@ -60,13 +79,14 @@ def train_speed(config, batch_size: int, accum: int, repeats: int) -> dict:
             "batch_size": batch_size, "grad_accum_steps": accum, "seq_len": T, "dtype": cfg.dtype}
 
 
-def torch_reference(cfg: ModelConfig, batch_size: int, seq_len: int, repeats: int) -> dict:
-    """The same shape as Hugging Face's PyTorch GPT-2 (learned positions, GELU): AdamW step and generate."""
+def torch_reference(cfg: ModelConfig, batch_size: int, seq_len: int):
+    """The same shape in Hugging Face's PyTorch GPT-2 (learned positions, GELU): its AdamW training step and its
+    `generate(batch)`, as functions to time; None without PyTorch."""
     try:
         import torch
         import transformers
     except ImportError:
-        return {}
+        return None
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
                                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff, resid_pdrop=0.0,
@@ -75,30 +95,43 @@ def torch_reference(cfg: ModelConfig, batch_size: int, seq_len: int, repeats: in
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
 
-    def step():
+    def train_step():
+        model.train()
         loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss  # HF shifts labels inside
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    results = {"torch_train_tokens_per_second": batch_size * seq_len / best}
-    model.eval()
-    for batch in (1, 8):
-        prompt = torch.full((batch, 1), 50256)
+    def generate(batch: int, new_tokens: int):
+        model.eval()
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=50256)
-            start = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=255, min_new_tokens=255, do_sample=False,
-                                 pad_token_id=50256)
-        results[f"torch_generate_tokens_per_second_batch{batch}"] = (out.shape[1] - 1) * batch / (
-            time.perf_counter() - start)
+            return model.generate(torch.full((batch, 1), 50256), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)
+
+    return train_step, generate
+
+
+def head_to_head(config, batch_size: int, rounds: int, new_tokens: int = 255) -> dict:
+    """gptjax against the PyTorch reference, taking turns: training steps, then generate at batch 1 and 8."""
+    cfg, state, step, batch = make_train_step(config, batch_size, 1)
+    reference = torch_reference(cfg, batch_size, config.data.seq_len)
+    if reference is None:
+        return {}
+    torch_train_step, torch_generate = reference
+    tokens = batch_size * config.data.seq_len
+    seconds = alternated({"gptjax": lambda: step(state, batch), "torch": torch_train_step}, rounds)
+    results = {"head_to_head_train_tokens_per_second": tokens / seconds["gptjax"],
+               "torch_train_tokens_per_second": tokens / seconds["torch"],
+               "train_speed_vs_torch": seconds["torch"] / seconds["gptjax"]}
+    params = state.params
+    for b in (1, 8):
+        options = dict(num_samples=b, max_new_tokens=new_tokens, temperature=0.0, eos_id=-1, chunk=32)
+        seconds = alternated({
+            "gptjax": lambda: sampling.generate(params, cfg, [50256], jax.random.PRNGKey(0), **options),
+            "torch": lambda: torch_generate(b, new_tokens)}, max(2, rounds // 2))
+        results[f"torch_generate_tokens_per_second_batch{b}"] = b * new_tokens / seconds["torch"]
+        results[f"sample_speed_vs_torch_batch{b}"] = seconds["torch"] / seconds["gptjax"]
     return results
 
 
@@ -135,14 +168,8 @@ def main() -> None:
     results.update(sampling_bench.run(args.config))
     if not args.quick:
         results.update({k: v for k, v in input_bench.run().items() if k.endswith("per_second")})
-        reference = torch_reference(cfg, batch_size, config.data.seq_len, args.repeats) if on_cpu else {}
-        results.update(reference)
-        if reference:
-            results["train_speed_vs_torch"] = results["train_tokens_per_second"] / reference[
-                "torch_train_tokens_per_second"]
-            for b in (1, 8):
-                results[f"sample_speed_vs_torch_batch{b}"] = results[f"sample_tokens_per_second_batch{b}_cached"] / \
-                    reference[f"torch_generate_tokens_per_second_batch{b}"]
+        if on_cpu:  # the reference is PyTorch's CPU build
+            results.update(head_to_head(config, batch_size, rounds=max(4, args.repeats)))
     width = max(map(len, results))
     for key, value in results.items():
         shown = f"{value:,.3f}" if isinstance(value, float) and abs(value) < 100 else (

@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from gptjax.configs import load_config_file
 from tests.test_train import run_module
 
 
@@ -14,3 +17,14 @@ def test_benchmark_suite_reports_ratios_against_the_measured_peak():
     assert report["mfu_vs_measured_matmul"] == report["train_model_flops_per_second"] / report[
         "matmul_peak_flops_per_second"]
     assert report["cache_speedup_batch1"] > 0 and report["sample_tokens_per_second_batch8_cached"] > 0
+
+
+def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():
+    pytest.importorskip("torch")
+    from benchmarks.run import head_to_head
+
+    report = head_to_head(load_config_file("experiments/tiny.py"), batch_size=4, rounds=1, new_tokens=8)
+    assert report["torch_train_tokens_per_second"] > 0
+    assert report["train_speed_vs_torch"] == pytest.approx(
+        report["head_to_head_train_tokens_per_second"] / report["torch_train_tokens_per_second"])
+    assert report["sample_speed_vs_torch_batch1"] > 0 and report["sample_speed_vs_torch_batch8"] > 0
