@@ -52,8 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     model.layer_norm_eps = 1e-5
     # Base of the rotary frequencies when pos_embedding = 'rope'.
     model.rope_base = 10000.0
-    # Training attention kernel: 'xla' (jax.nn.dot_product_attention), 'chunked' (cache-sized chunks, faster on CPU)
-    # or 'auto' (chunked on CPU, xla elsewhere). All give the same numbers.
+    # Attention kernel for whole sequences (training, evaluation): 'xla' (jax.nn.dot_product_attention), 'chunked'
+    # (a few sequences at a time, faster on CPU) or 'auto' (chunked on CPU, xla elsewhere). All give the same numbers.
     model.attention = "auto"
 
     config.data = data = ml_collections.ConfigDict()
