@@ -145,13 +145,13 @@ def causal_mask(query_positions_T: jax.Array, key_length: int) -> jax.Array:
     return (jnp.arange(key_length)[None, :] <= query_positions_T[:, None])[None, None]
 
 
-def attention_scores(q_BxTxNxH, k_BxSxNxH, first_query_position: int = 0) -> jax.Array:
+def attention_scores(q_BxNxTxH, k_BxNxSxH, first_query_position: int = 0) -> jax.Array:
     """float32 [B, N, T, S]: q.k / sqrt(H) for every query and key, with the future set to the most negative float.
 
-    Queries sit at positions first_query_position + 0..T-1, keys at 0..S-1.
+    Inputs are heads-major; queries sit at positions first_query_position + 0..T-1, keys at 0..S-1.
     """
-    T, S, H = q_BxTxNxH.shape[1], k_BxSxNxH.shape[1], q_BxTxNxH.shape[-1]
-    scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH,
+    T, S, H = q_BxNxTxH.shape[2], k_BxNxSxH.shape[2], q_BxNxTxH.shape[-1]
+    scores_BxNxTxS = jnp.einsum("bnth,bnsh->bnts", q_BxNxTxH, k_BxNxSxH,
                                 preferred_element_type=jnp.float32) / np.sqrt(H)
     query_positions_T = first_query_position + jnp.arange(T)
     return jnp.where(causal_mask(query_positions_T, S), scores_BxNxTxS, jnp.finfo(jnp.float32).min)
@@ -177,20 +177,26 @@ def query_blocks(T: int, block: int) -> list[tuple[int, int]]:
     return [(start, start + block) for start in range(0, T, block)]
 
 
+def _heads_major(*arrays_BxTxNxH):
+    """[B, T, N, H] -> [B, N, T, H]: the layout the per-head matmuls read, made once instead of at every block."""
+    return [jnp.swapaxes(a, 1, 2) for a in arrays_BxTxNxH]
+
+
 def _attention_forward(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, query_block: int):
     """Softmax attention that also returns each query's log-sum-exp, from which the backward pass rebuilds it."""
+    q_BxNxTxH, k_BxNxTxH, v_BxNxTxH = _heads_major(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
     y_blocks, logsumexp_blocks = [], []
-    for start, end in query_blocks(q_BxTxNxH.shape[1], query_block):
-        scores_BxNxQxK = attention_scores(q_BxTxNxH[:, start:end], k_BxTxNxH[:, :end], start)
+    for start, end in query_blocks(q_BxNxTxH.shape[2], query_block):
+        scores_BxNxQxK = attention_scores(q_BxNxTxH[:, :, start:end], k_BxNxTxH[:, :, :end], start)
         max_BxNxQx1 = scores_BxNxQxK.max(axis=-1, keepdims=True)
         unnormalised_BxNxQxK = jnp.exp(scores_BxNxQxK - max_BxNxQx1)
         sum_BxNxQx1 = unnormalised_BxNxQxK.sum(axis=-1, keepdims=True)
         # Normalising the [Q, H] output instead of the [Q, K] weights saves a pass over the big array.
-        y_BxQxNxH = jnp.einsum("bnqk,bknh->bqnh", unnormalised_BxNxQxK.astype(v_BxTxNxH.dtype), v_BxTxNxH[:, :end],
-                               preferred_element_type=jnp.float32) / jnp.swapaxes(sum_BxNxQx1, 1, 2)
-        y_blocks.append(y_BxQxNxH.astype(v_BxTxNxH.dtype))
+        y_BxNxQxH = jnp.einsum("bnqk,bnkh->bnqh", unnormalised_BxNxQxK.astype(v_BxNxTxH.dtype), v_BxNxTxH[:, :, :end],
+                               preferred_element_type=jnp.float32) / sum_BxNxQx1
+        y_blocks.append(y_BxNxQxH.astype(v_BxNxTxH.dtype))
         logsumexp_blocks.append(max_BxNxQx1 + jnp.log(sum_BxNxQx1))
-    return jnp.concatenate(y_blocks, axis=1), jnp.concatenate(logsumexp_blocks, axis=2)
+    return jnp.swapaxes(jnp.concatenate(y_blocks, axis=2), 1, 2), jnp.concatenate(logsumexp_blocks, axis=2)
 
 
 def _attention_backward(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, y_BxTxNxH, logsumexp_BxNxTx1, dy_BxTxNxH,
@@ -199,23 +205,24 @@ def _attention_backward(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, y_BxTxNxH, logsumexp_Bx
     dtype, H = q_BxTxNxH.dtype, q_BxTxNxH.shape[-1]
     # Softmax backward: dscore_tk = p_tk (dp_tk - sum_k' p_tk' dp_tk'), and that sum is dy_t . y_t.
     dy_dot_y_BxNxTx1 = jnp.swapaxes((dy_BxTxNxH.astype(jnp.float32) * y_BxTxNxH).sum(-1, keepdims=True), 1, 2)
+    q_BxNxTxH, k_BxNxTxH, v_BxNxTxH, dy_BxNxTxH = _heads_major(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, dy_BxTxNxH)
     dq_blocks = []
-    dk_BxTxNxH = jnp.zeros(k_BxTxNxH.shape, jnp.float32)
-    dv_BxTxNxH = jnp.zeros(v_BxTxNxH.shape, jnp.float32)
-    for start, end in query_blocks(q_BxTxNxH.shape[1], query_block):
-        q_BxQxNxH, dy_BxQxNxH = q_BxTxNxH[:, start:end], dy_BxTxNxH[:, start:end]
-        k_BxKxNxH, v_BxKxNxH = k_BxTxNxH[:, :end], v_BxTxNxH[:, :end]
-        probs_BxNxQxK = jnp.exp(attention_scores(q_BxQxNxH, k_BxKxNxH, start) - logsumexp_BxNxTx1[:, :, start:end])
-        dv_BxTxNxH = dv_BxTxNxH.at[:, :end].add(jnp.einsum(
-            "bnqk,bqnh->bknh", probs_BxNxQxK.astype(dtype), dy_BxQxNxH, preferred_element_type=jnp.float32))
-        dprobs_BxNxQxK = jnp.einsum("bqnh,bknh->bnqk", dy_BxQxNxH, v_BxKxNxH, preferred_element_type=jnp.float32)
+    dk_BxNxTxH = jnp.zeros(k_BxNxTxH.shape, jnp.float32)
+    dv_BxNxTxH = jnp.zeros(v_BxNxTxH.shape, jnp.float32)
+    for start, end in query_blocks(q_BxNxTxH.shape[2], query_block):
+        q_BxNxQxH, dy_BxNxQxH = q_BxNxTxH[:, :, start:end], dy_BxNxTxH[:, :, start:end]
+        k_BxNxKxH, v_BxNxKxH = k_BxNxTxH[:, :, :end], v_BxNxTxH[:, :, :end]
+        probs_BxNxQxK = jnp.exp(attention_scores(q_BxNxQxH, k_BxNxKxH, start) - logsumexp_BxNxTx1[:, :, start:end])
+        dv_BxNxTxH = dv_BxNxTxH.at[:, :, :end].add(jnp.einsum(
+            "bnqk,bnqh->bnkh", probs_BxNxQxK.astype(dtype), dy_BxNxQxH, preferred_element_type=jnp.float32))
+        dprobs_BxNxQxK = jnp.einsum("bnqh,bnkh->bnqk", dy_BxNxQxH, v_BxNxKxH, preferred_element_type=jnp.float32)
         dscores_BxNxQxK = (probs_BxNxQxK * (dprobs_BxNxQxK - dy_dot_y_BxNxTx1[:, :, start:end]) / np.sqrt(H))
         dscores_BxNxQxK = dscores_BxNxQxK.astype(dtype)
-        dq_blocks.append(jnp.einsum("bnqk,bknh->bqnh", dscores_BxNxQxK, k_BxKxNxH, preferred_element_type=jnp.float32))
-        dk_BxTxNxH = dk_BxTxNxH.at[:, :end].add(jnp.einsum(
-            "bnqk,bqnh->bknh", dscores_BxNxQxK, q_BxQxNxH, preferred_element_type=jnp.float32))
-    dq_BxTxNxH = jnp.concatenate(dq_blocks, axis=1)
-    return dq_BxTxNxH.astype(dtype), dk_BxTxNxH.astype(dtype), dv_BxTxNxH.astype(dtype)
+        dq_blocks.append(jnp.einsum("bnqk,bnkh->bnqh", dscores_BxNxQxK, k_BxNxKxH, preferred_element_type=jnp.float32))
+        dk_BxNxTxH = dk_BxNxTxH.at[:, :, :end].add(jnp.einsum(
+            "bnqk,bnqh->bnkh", dscores_BxNxQxK, q_BxNxQxH, preferred_element_type=jnp.float32))
+    dq_BxNxTxH = jnp.concatenate(dq_blocks, axis=2)
+    return [jnp.swapaxes(g, 1, 2).astype(dtype) for g in (dq_BxNxTxH, dk_BxNxTxH, dv_BxNxTxH)]
 
 
 def _over_batch_chunks(fn, sequences_per_chunk: int, *arrays_B):
