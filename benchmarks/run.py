@@ -165,11 +165,11 @@ def main() -> None:
     results.update(train_speed(config, batch_size, accum, args.repeats))
     results["mfu_vs_measured_matmul"] = results["train_model_flops_per_second"] / results[
         "matmul_peak_flops_per_second"]
+    if not args.quick and on_cpu:  # the reference is PyTorch's CPU build; it runs before TF's pipelines are used
+        results.update(head_to_head(config, batch_size, rounds=max(4, args.repeats)))
     results.update(sampling_bench.run(args.config))
     if not args.quick:
         results.update({k: v for k, v in input_bench.run().items() if k.endswith("per_second")})
-        if on_cpu:  # the reference is PyTorch's CPU build
-            results.update(head_to_head(config, batch_size, rounds=max(4, args.repeats)))
     width = max(map(len, results))
     for key, value in results.items():
         shown = f"{value:,.3f}" if isinstance(value, float) and abs(value) < 100 else (
