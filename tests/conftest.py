@@ -8,7 +8,13 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+import jax  # noqa: E402
+
 from gptjax.model import ModelConfig  # noqa: E402
+
+# The tests compare numbers to ~1e-5; on a GPU float32 matmuls default to TF32 (~1e-3), so ask for full precision.
+# CPUs always compute float32 in full.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
