@@ -145,24 +145,18 @@ def causal_mask(query_positions_T: jax.Array, key_length: int) -> jax.Array:
     return (jnp.arange(key_length)[None, :] <= query_positions_T[:, None])[None, None]
 
 
-def attention_scores(q_BxNxTxH, k_BxNxSxH, first_query_position: int = 0) -> jax.Array:
-    """float32 [B, N, T, S]: q.k / sqrt(H) for every query and key, with the future set to the most negative float.
-
-    Inputs are heads-major; queries sit at positions first_query_position + 0..T-1, keys at 0..S-1.
-    """
-    T, S, H = q_BxNxTxH.shape[2], k_BxNxSxH.shape[2], q_BxNxTxH.shape[-1]
+def attention_scores(q_BxNxTxH, k_BxNxSxH, query_positions_T: jax.Array) -> jax.Array:
+    """float32 [B, N, T, S]: q.k / sqrt(H) for every query and key (heads-major inputs), with the future set to the
+    most negative float: keys sit at positions 0..S-1, queries at `query_positions_T`."""
+    S, H = k_BxNxSxH.shape[2], q_BxNxTxH.shape[-1]
     scores_BxNxTxS = jnp.einsum("bnth,bnsh->bnts", q_BxNxTxH, k_BxNxSxH,
                                 preferred_element_type=jnp.float32) / np.sqrt(H)
-    query_positions_T = first_query_position + jnp.arange(T)
     return jnp.where(causal_mask(query_positions_T, S), scores_BxNxTxS, jnp.finfo(jnp.float32).min)
 
 
 def cached_attention(q_BxTxNxH, k_BxNxSxH, v_BxNxSxH, positions_T) -> jax.Array:
     """T new queries at absolute `positions_T` attend over a KV cache of S slots; empty future slots are masked."""
-    H, S = q_BxTxNxH.shape[-1], k_BxNxSxH.shape[2]
-    scores_BxNxTxS = jnp.einsum("btnh,bnsh->bnts", q_BxTxNxH, k_BxNxSxH,
-                                preferred_element_type=jnp.float32) / np.sqrt(H)
-    scores_BxNxTxS = jnp.where(causal_mask(positions_T, S), scores_BxNxTxS, jnp.finfo(jnp.float32).min)
+    scores_BxNxTxS = attention_scores(jnp.swapaxes(q_BxTxNxH, 1, 2), k_BxNxSxH, positions_T)
     probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(v_BxNxSxH.dtype)
     return jnp.einsum("bnts,bnsh->btnh", probs_BxNxTxS, v_BxNxSxH)
 
@@ -187,7 +181,7 @@ def _attention_forward(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, query_block: int):
     q_BxNxTxH, k_BxNxTxH, v_BxNxTxH = _heads_major(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
     y_blocks, logsumexp_blocks = [], []
     for start, end in query_blocks(q_BxNxTxH.shape[2], query_block):
-        scores_BxNxQxK = attention_scores(q_BxNxTxH[:, :, start:end], k_BxNxTxH[:, :, :end], start)
+        scores_BxNxQxK = attention_scores(q_BxNxTxH[:, :, start:end], k_BxNxTxH[:, :, :end], jnp.arange(start, end))
         max_BxNxQx1 = scores_BxNxQxK.max(axis=-1, keepdims=True)
         unnormalised_BxNxQxK = jnp.exp(scores_BxNxQxK - max_BxNxQx1)
         sum_BxNxQx1 = unnormalised_BxNxQxK.sum(axis=-1, keepdims=True)
@@ -212,7 +206,8 @@ def _attention_backward(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, y_BxTxNxH, logsumexp_Bx
     for start, end in query_blocks(q_BxNxTxH.shape[2], query_block):
         q_BxNxQxH, dy_BxNxQxH = q_BxNxTxH[:, :, start:end], dy_BxNxTxH[:, :, start:end]
         k_BxNxKxH, v_BxNxKxH = k_BxNxTxH[:, :, :end], v_BxNxTxH[:, :, :end]
-        probs_BxNxQxK = jnp.exp(attention_scores(q_BxNxQxH, k_BxNxKxH, start) - logsumexp_BxNxTx1[:, :, start:end])
+        scores_BxNxQxK = attention_scores(q_BxNxQxH, k_BxNxKxH, jnp.arange(start, end))
+        probs_BxNxQxK = jnp.exp(scores_BxNxQxK - logsumexp_BxNxTx1[:, :, start:end])
         dv_BxNxTxH = dv_BxNxTxH.at[:, :, :end].add(jnp.einsum(
             "bnqk,bnqh->bnkh", probs_BxNxQxK.astype(dtype), dy_BxNxQxH, preferred_element_type=jnp.float32))
         dprobs_BxNxQxK = jnp.einsum("bnqh,bnkh->bnqk", dy_BxNxQxH, v_BxNxKxH, preferred_element_type=jnp.float32)
