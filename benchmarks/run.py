@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from benchmarks import input_pipeline as input_bench
 from benchmarks import sampling as sampling_bench
-from gptjax import hardware, sampling
+from gptjax import hardware
 from gptjax import train_step as steps_lib
 from gptjax.configs import load_config_file
 from gptjax.model import ModelConfig, flops_per_token
@@ -124,12 +124,9 @@ def head_to_head(config, batch_size: int, rounds: int, new_tokens: int = 255) ->
     results = {"head_to_head_train_tokens_per_second": tokens / seconds["gptjax"],
                "torch_train_tokens_per_second": tokens / seconds["torch"],
                "train_speed_vs_torch": seconds["torch"] / seconds["gptjax"]}
-    params = state.params
     for b in (1, 8):
-        options = dict(num_samples=b, max_new_tokens=new_tokens, temperature=0.0, eos_id=-1, chunk=32)
-        seconds = alternated({
-            "gptjax": lambda: sampling.generate(params, cfg, [50256], jax.random.PRNGKey(0), **options),
-            "torch": lambda: torch_generate(b, new_tokens)}, max(2, rounds // 2))
+        seconds = alternated({"gptjax": sampling_bench.greedy_generate(state.params, cfg, b, new_tokens),
+                              "torch": lambda: torch_generate(b, new_tokens)}, max(2, rounds // 2))
         results[f"torch_generate_tokens_per_second_batch{b}"] = b * new_tokens / seconds["torch"]
         results[f"sample_speed_vs_torch_batch{b}"] = seconds["torch"] / seconds["gptjax"]
     return results
