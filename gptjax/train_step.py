@@ -6,6 +6,7 @@ compiled once; on several devices the same function runs data-parallel: the batc
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -108,10 +109,25 @@ def fused_output_loss(hidden_NxD, output_VxD, targets_N, vocab_size: int, chunk:
     """Summed cross-entropy of logits = hidden @ output.T, computed `chunk` tokens at a time.
 
     The loss is the last operation of the step, so its gradient can be formed in the forward pass: for each chunk,
-    softmax - onehot is turned straight into d_hidden and d_output while the chunk's logits are at hand. The backward
-    pass then only scales them. Nothing of size [N, V] is kept, and the logits are computed once instead of twice.
+    d_hidden and d_output are computed while the chunk's logits are at hand, and the backward pass only scales them. Nothing of size [N, V] is kept, and the logits are computed once instead of twice.
     """
     return _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)[0]
+
+
+def max_over_real_vocab(logits_cxV, vocab_size: int):
+    """[c, 1] row max over the first `vocab_size` columns, without writing a masked copy of the logits.
+
+    The columns are viewed as blocks of up to 128 (a reshape, free) and reduced as they are; only the blocks that
+    hold padded entries are masked, and they are a thin slice at the end.
+    """
+    c, V = logits_cxV.shape
+    block = math.gcd(V, 128)
+    real_blocks = vocab_size // block  # blocks 0..real_blocks-1 hold real entries only
+    tail_cxP = logits_cxV[:, real_blocks * block:]
+    tail_max_c = jnp.where(real_blocks * block + jnp.arange(tail_cxP.shape[1]) < vocab_size, tail_cxP,
+                           -jnp.inf).max(axis=-1, initial=-jnp.inf)
+    block_max_cxK = logits_cxV.reshape(c, V // block, block).max(axis=-1)
+    return jnp.maximum(block_max_cxK[:, :real_blocks].max(axis=-1, initial=-jnp.inf), tail_max_c)[:, None]
 
 
 def _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk):
@@ -128,23 +144,29 @@ def _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)
     def one_chunk(grad_output_VxD, xs):
         h_cxD, t_c, w_c = xs
         logits_cxV = jnp.dot(h_cxD, output_VxD.T, preferred_element_type=jnp.float32)
-        # On a CPU every elementwise pass over the [c, V] logits is bound by memory, so there are three, each a single
-        # fused loop: the max, the sum of exponentials, and the gradient (no bias add, no separate softmax).
-        max_cx1 = jnp.where(is_real_1xV, logits_cxV, -jnp.inf).max(axis=-1, keepdims=True)
-        sum_cx1 = jnp.where(is_real_1xV, jnp.exp(logits_cxV - max_cx1), 0.0).sum(axis=-1, keepdims=True)
-        logsumexp_cx1 = max_cx1 + jnp.log(sum_cx1)
+        # On a CPU every elementwise pass over the [c, V] logits is bound by memory, so there are only two: the max
+        # (read straight from the matmul's output) and the unnormalised softmax exp(logits - max). The gradient,
+        # d logits = softmax - onehot, is never formed: the 1 / sum and the one-hot are applied to the [c, D]
+        # operands and results of the gradient matmuls instead of to the [c, V] array.
+        max_cx1 = max_over_real_vocab(logits_cxV, vocab_size)
+        unnormalised_cxV = jnp.where(is_real_1xV, jnp.exp(logits_cxV - max_cx1), 0.0)
+        sum_cx1 = unnormalised_cxV.sum(axis=-1, keepdims=True)
         target_logit_c = jnp.take_along_axis(logits_cxV, t_c[:, None], axis=-1)[:, 0]
-        losses_c = (logsumexp_cx1[:, 0] - target_logit_c) * w_c
-        # d loss / d logits = softmax - onehot(target), for the real (weight 1) rows only.
-        is_target_cxV = jnp.arange(V)[None, :] == t_c[:, None]
-        softmax_cxV = jnp.where(is_real_1xV, jnp.exp(logits_cxV - logsumexp_cx1), 0.0)
-        dlogits_cxV = ((softmax_cxV - is_target_cxV) * w_c[:, None]).astype(output_VxD.dtype)
-        grad_h_cxD = jnp.dot(dlogits_cxV, output_VxD, preferred_element_type=jnp.float32)
-        grad_output_VxD = grad_output_VxD + jnp.dot(dlogits_cxV.T, h_cxD, preferred_element_type=jnp.float32)
+        losses_c = (max_cx1[:, 0] + jnp.log(sum_cx1[:, 0]) - target_logit_c) * w_c
+        scale_cx1 = w_c[:, None] / sum_cx1  # softmax = unnormalised / sum; padding rows (weight 0) give nothing
+        unnormalised_cxV = unnormalised_cxV.astype(output_VxD.dtype)
+        # d hidden = softmax @ output - output[target]
+        grad_h_cxD = (jnp.dot(unnormalised_cxV, output_VxD, preferred_element_type=jnp.float32) * scale_cx1
+                      - output_VxD[t_c].astype(jnp.float32) * w_c[:, None])
+        # d output = softmax.T @ hidden (- hidden scattered onto the target rows, once after the loop)
+        scaled_h_cxD = (h_cxD.astype(jnp.float32) * scale_cx1).astype(output_VxD.dtype)
+        grad_output_VxD = grad_output_VxD + jnp.dot(unnormalised_cxV.T, scaled_h_cxD,
+                                                    preferred_element_type=jnp.float32)
         return grad_output_VxD, (losses_c.sum(), grad_h_cxD)
 
     grad_output_VxD, (losses_C, grad_h_CxcxD) = jax.lax.scan(
         one_chunk, jnp.zeros((V, D), jnp.float32), (hidden_CxcxD, targets_Cxc, weights_Cxc))
+    grad_output_VxD = grad_output_VxD.at[targets_N].add(-hidden_NxD.astype(jnp.float32))  # the one-hot part
     grad_hidden_NxD = grad_h_CxcxD.reshape(padded, D)[:N]
     return losses_C.sum(), (grad_hidden_NxD.astype(hidden_NxD.dtype), grad_output_VxD.astype(output_VxD.dtype),
                             targets_N)

@@ -259,3 +259,11 @@ def test_fused_output_loss_equals_the_plain_loss_and_gradients(tie_embeddings):
         np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(plain_grads), jax.tree_util.tree_leaves(grads)):
             np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+@pytest.mark.parametrize("width, vocab_size", [(200, 1), (200, 100), (200, 128), (200, 150), (192, 190), (192, 192)])
+def test_max_over_real_vocab_ignores_the_padded_columns(width, vocab_size):
+    # Padded columns hold the largest values, so any leak of them into the max shows.
+    logits = jax.random.normal(jax.random.PRNGKey(0), (5, width)).at[:, vocab_size:].set(1e9)
+    np.testing.assert_array_equal(steps_lib.max_over_real_vocab(logits, vocab_size)[:, 0],
+                                  logits[:, :vocab_size].max(axis=-1))
