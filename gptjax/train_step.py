@@ -109,7 +109,8 @@ def fused_output_loss(hidden_NxD, output_VxD, targets_N, vocab_size: int, chunk:
     """Summed cross-entropy of logits = hidden @ output.T, computed `chunk` tokens at a time.
 
     The loss is the last operation of the step, so its gradient can be formed in the forward pass: for each chunk,
-    d_hidden and d_output are computed while the chunk's logits are at hand, and the backward pass only scales them. Nothing of size [N, V] is kept, and the logits are computed once instead of twice.
+    d_hidden and d_output are computed while the chunk's logits are at hand, and the backward pass only scales them.
+    Nothing of size [N, V] is kept, and the logits are computed once instead of twice.
     """
     return _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)[0]
 
@@ -144,10 +145,10 @@ def _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)
     def one_chunk(grad_output_VxD, xs):
         h_cxD, t_c, w_c = xs
         logits_cxV = jnp.dot(h_cxD, output_VxD.T, preferred_element_type=jnp.float32)
-        # On a CPU every elementwise pass over the [c, V] logits is bound by memory, so there are only two: the max
-        # (read straight from the matmul's output) and the unnormalised softmax exp(logits - max). The gradient,
-        # d logits = softmax - onehot, is never formed: the 1 / sum and the one-hot are applied to the [c, D]
-        # operands and results of the gradient matmuls instead of to the [c, V] array.
+        # On a CPU every pass over the [c, V] logits is bound by memory, so there are three reads and one write:
+        # the max (straight from the matmul's output), the unnormalised softmax exp(logits - max), and its sum.
+        # The gradient, d logits = softmax - onehot, is never formed: the 1 / sum and the one-hot are applied to
+        # the [c, D] operands and results of the gradient matmuls instead of to the [c, V] array.
         max_cx1 = max_over_real_vocab(logits_cxV, vocab_size)
         unnormalised_cxV = jnp.where(is_real_1xV, jnp.exp(logits_cxV - max_cx1), 0.0)
         sum_cx1 = unnormalised_cxV.sum(axis=-1, keepdims=True)
