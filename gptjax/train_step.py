@@ -147,27 +147,26 @@ def _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)
         logits_cxV = jnp.dot(h_cxD, output_VxD.T, preferred_element_type=jnp.float32)
         # On a CPU every pass over the [c, V] logits is bound by memory, so there are three reads and one write:
         # the max (straight from the matmul's output), the unnormalised softmax exp(logits - max), and its sum.
-        # The gradient, d logits = softmax - onehot, is never formed: the 1 / sum and the one-hot are applied to
-        # the [c, D] operands and results of the gradient matmuls instead of to the [c, V] array.
+        # d logits = softmax - onehot = (unnormalised - sum * onehot) / sum: the one-hot is c entries written in
+        # place, and the 1 / sum is applied to the [c, D] operand and result of the gradient matmuls, not to [c, V].
         max_cx1 = max_over_real_vocab(logits_cxV, vocab_size)
         unnormalised_cxV = jnp.where(is_real_1xV, jnp.exp(logits_cxV - max_cx1), 0.0)
         sum_cx1 = unnormalised_cxV.sum(axis=-1, keepdims=True)
         target_logit_c = jnp.take_along_axis(logits_cxV, t_c[:, None], axis=-1)[:, 0]
         losses_c = (max_cx1[:, 0] + jnp.log(sum_cx1[:, 0]) - target_logit_c) * w_c
-        scale_cx1 = w_c[:, None] / sum_cx1  # softmax = unnormalised / sum; padding rows (weight 0) give nothing
-        unnormalised_cxV = unnormalised_cxV.astype(output_VxD.dtype)
-        # d hidden = softmax @ output - output[target]
-        grad_h_cxD = (jnp.dot(unnormalised_cxV, output_VxD, preferred_element_type=jnp.float32) * scale_cx1
-                      - output_VxD[t_c].astype(jnp.float32) * w_c[:, None])
-        # d output = softmax.T @ hidden (- hidden scattered onto the target rows, once after the loop)
+        # The subtraction happens in float32 before any cast, so a confident prediction's small p - 1 keeps its
+        # precision (a one-hot subtracted after a bfloat16 matmul would not).
+        dlogits_times_sum_cxV = unnormalised_cxV.at[jnp.arange(chunk), t_c].add(-sum_cx1[:, 0])
+        dlogits_times_sum_cxV = dlogits_times_sum_cxV.astype(output_VxD.dtype)
+        scale_cx1 = w_c[:, None] / sum_cx1  # padding rows (weight 0) give nothing
+        grad_h_cxD = jnp.dot(dlogits_times_sum_cxV, output_VxD, preferred_element_type=jnp.float32) * scale_cx1
         scaled_h_cxD = (h_cxD.astype(jnp.float32) * scale_cx1).astype(output_VxD.dtype)
-        grad_output_VxD = grad_output_VxD + jnp.dot(unnormalised_cxV.T, scaled_h_cxD,
+        grad_output_VxD = grad_output_VxD + jnp.dot(dlogits_times_sum_cxV.T, scaled_h_cxD,
                                                     preferred_element_type=jnp.float32)
         return grad_output_VxD, (losses_c.sum(), grad_h_cxD)
 
     grad_output_VxD, (losses_C, grad_h_CxcxD) = jax.lax.scan(
         one_chunk, jnp.zeros((V, D), jnp.float32), (hidden_CxcxD, targets_Cxc, weights_Cxc))
-    grad_output_VxD = grad_output_VxD.at[targets_N].add(-hidden_NxD.astype(jnp.float32))  # the one-hot part
     grad_hidden_NxD = grad_h_CxcxD.reshape(padded, D)[:N]
     return losses_C.sum(), (grad_hidden_NxD.astype(hidden_NxD.dtype), grad_output_VxD.astype(output_VxD.dtype),
                             targets_N)

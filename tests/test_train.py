@@ -267,3 +267,26 @@ def test_max_over_real_vocab_ignores_the_padded_columns(width, vocab_size):
     logits = jax.random.normal(jax.random.PRNGKey(0), (5, width)).at[:, vocab_size:].set(1e9)
     np.testing.assert_array_equal(steps_lib.max_over_real_vocab(logits, vocab_size)[:, 0],
                                   logits[:, :vocab_size].max(axis=-1))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 2e-4), ("bfloat16", 1e-2)])
+def test_fused_output_loss_keeps_the_small_gradients_of_confident_predictions(dtype, tolerance):
+    N, D, V, vocab_size = 64, 32, 192, 190
+    output_VxD = jax.random.normal(jax.random.PRNGKey(1), (V, D)).astype(dtype)
+    targets_N = jax.random.randint(jax.random.PRNGKey(2), (N,), 0, vocab_size)
+    # Hidden states close to 3x their target's output row: the target gets probability ~0.999, so p - 1 is small.
+    hidden_NxD = (3 * output_VxD[targets_N].astype(np.float32)
+                  + 0.1 * jax.random.normal(jax.random.PRNGKey(0), (N, D))).astype(dtype)
+    grad_h, grad_output = jax.grad(steps_lib.fused_output_loss, argnums=(0, 1))(
+        hidden_NxD, output_VxD, targets_N, vocab_size, 16)
+    # float64 reference from the same (rounded) inputs.
+    h, out = np.asarray(hidden_NxD, np.float64), np.asarray(output_VxD, np.float64)
+    logits = h @ out.T
+    logits[:, vocab_size:] = -np.inf
+    dlogits = np.exp(logits - logits.max(axis=1, keepdims=True))
+    dlogits /= dlogits.sum(axis=1, keepdims=True)
+    assert dlogits[np.arange(N), targets_N].min() > 0.99
+    dlogits[np.arange(N), targets_N] -= 1
+    for got, want in ((grad_h, dlogits @ out), (grad_output, dlogits.T @ h)):
+        error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+        assert error < tolerance
