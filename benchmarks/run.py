@@ -123,6 +123,7 @@ def head_to_head(train_setup, rounds: int, new_tokens: int = 255) -> dict:
         return {}
     torch_train_step, torch_generate = reference
     tokens = batch_size * T
+    new_tokens = min(new_tokens, cfg.max_len - 1)  # HF's GPT-2 cannot go past its context; gptjax's window slides
     seconds = alternated({"gptjax": lambda: step(state, batch), "torch": torch_train_step}, rounds)
     results = {"head_to_head_train_tokens_per_second": tokens / seconds["gptjax"],
                "torch_train_tokens_per_second": tokens / seconds["torch"],
