@@ -137,12 +137,20 @@ def describe(n: float) -> str:
     return f"{n:.3g}"
 
 
-class StopRequested(Exception):
-    """Raised by the SIGTERM handler so the loop saves a checkpoint before exiting, as on Ctrl-C."""
+class StopSignal:
+    """Signal handler for Ctrl-C (SIGINT) and SIGTERM: the loop stops after the step in flight and saves it.
 
+    Raising from the handler instead could land inside the jitted step, after it consumed (donated) the old state
+    and before the new one exists, leaving nothing to save. A second Ctrl-C stops at once.
+    """
 
-def raise_stop(signum, frame):
-    raise StopRequested()
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,12 +241,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     last = {}
     step = start_step
     end_step = min(total_steps, train.stop_at_step) if train.stop_at_step > 0 else total_steps
-    previous_handler = signal.signal(signal.SIGTERM, raise_stop) if is_main_thread() else None
+    stop = StopSignal()
+    previous_handlers = ({signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+                         if is_main_thread() else {})
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and is_chief), unit="step",
                dynamic_ncols=True)
     clock, clock_step = None, start_step
     try:
         while step < end_step:
+            if stop.requested:
+                raise KeyboardInterrupt
             local_batch = next(batches).reshape(micro, local_rows // micro, data.seq_len + 1)
             state, metrics = step_fn(state, steps_lib.global_batch(local_batch, mesh, PartitionSpec(None, "data")))
             step += 1
@@ -277,8 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
                             tok_s=f"{tokens_per_second:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
             bar.update(1)
             clock, clock_step = time.perf_counter(), step  # evaluation and saving do not count against speed
-    except (KeyboardInterrupt, StopRequested):
+    except KeyboardInterrupt:
         bar.close()
+        if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):  # a second Ctrl-C, inside a step
+            print(f"\nInterrupted inside a step: nothing saved; the last checkpoint in "
+                  f"{checkpoints.checkpoint_dir(workdir)} is kept", file=sys.stderr)
+            raise KeyboardInterrupt from None
         step = int(state.step)  # the state is the truth if the interrupt landed between the step and the count
         params_are_finite = bool(jax.numpy.isfinite(optax.global_norm(state.params)))
         if step > start_step and step not in manager.all_steps() and params_are_finite:
@@ -292,8 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
         bar.close()
         batches.close()
         manager.wait_until_finished()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     return {"step": step, **last}
 
 
