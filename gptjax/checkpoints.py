@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, check_workdir
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -132,6 +132,7 @@ def load_for_inference(workdir: str, step: int | None = None):
     """(params, ModelConfig, meta) of the latest checkpoint in `workdir` (or `step`), without the optimizer state."""
     from gptjax.model import GPT, ModelConfig
 
+    check_workdir(workdir)
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise UserError(f"no checkpoints in {checkpoint_dir(workdir)}; train first (python -m gptjax.train "
                         f"--workdir {workdir}) or pass the --workdir of a trained run")
@@ -139,6 +140,9 @@ def load_for_inference(workdir: str, step: int | None = None):
     steps = usable_steps(manager)
     if not steps:
         raise UserError(f"no checkpoints in {checkpoint_dir(workdir)}; train first or pass another --workdir")
+    if step is not None and step not in steps:
+        raise UserError(f"there is no checkpoint for --step {step} in {checkpoint_dir(workdir)}; its steps are "
+                        f"{sorted(steps)} (leave --step out for the latest)")
     meta = read_meta(manager, step if step is not None else steps[0])
     model_config = ModelConfig.from_config(meta["config"]["model"])
     tokens = jax.ShapeDtypeStruct((1, model_config.max_len), jax.numpy.int32)

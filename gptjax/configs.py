@@ -5,10 +5,14 @@ needs. Entry points load it with ml_collections' config flags, so any key can be
 
     python -m gptjax.train --config experiments/m1.py --config.train.batch_size=32
 
-The returned config is locked: assigning or overriding a key that does not exist is an error naming the key.
+The returned config is locked: assigning or overriding a key that does not exist is an error naming the key, and
+`validate(config)` checks every value against its allowed range before any work starts.
+`python -m gptjax.configs --config experiments/m1.py` lists every key with its value there and its comment.
 """
 
 import importlib.util
+import inspect
+import math
 import os
 import sys
 
@@ -65,8 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     data.path = ""
     # Field that holds the document text in TFDS / HF / jsonl / parquet records.
     data.text_field = "text"
-    # Tokens per training sequence; follows model.max_len unless set.
-    data.seq_len = model.get_ref("max_len")
+    # Tokens per training sequence; follows model.max_len unless set (setting it leaves model.max_len alone).
+    data.seq_len = model.get_ref("max_len") * 1  # a derived reference: a plain one would be shared both ways
     # Tokenizer: 'gpt2' (the offline GPT-2 BPE) or a Hugging Face tokenizer directory.
     data.tokenizer = "gpt2"
     # Split of the TFDS / HF dataset to read (held-out documents are carved out of it, see eval_fraction).
@@ -95,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     train.init_from = ""
     # Pause at this step (checkpoint saved) and exit; rerun the same command to go on. 0 = run to the end.
     train.stop_at_step = 0
+    # Resume even if the token cache, batch_size, seq_len or seed differ from the checkpoint's (which tokens come
+    # next then changes); by default such a resume is refused, naming the differences.
+    train.accept_data_change = False
     # Training compute budget in FLOPs, used when steps = 0 (steps = budget / (FLOPs per token x tokens per step)).
     train.flop_budget = 0.0
     # Global batch size in sequences (split over all devices).
@@ -116,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
     # AdamW second-moment decay.
     train.b2 = 0.95
     # Output layer + loss in chunks of this many tokens with the gradient fused in; 0 = plain full logits;
-    # -1 = auto: fused (1024) on CPU and Metal, where it is faster and saves memory, plain on GPU/TPU, where it is not.
+    # -1 = auto: fused (1024) on CPU, where it is faster and saves memory; plain on GPU/TPU, where it is not faster,
+    # and on Metal, where it was never measured.
     train.loss_chunk_tokens = -1
     # Clip gradients to this global norm (0 disables clipping).
     train.grad_clip = 1.0
@@ -146,6 +154,101 @@ def base_config() -> ml_collections.ConfigDict:
     train.process_id = 0
 
     return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Allowed values, checked by `validate` before any data is read or any model is built
+
+
+def at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def in_interval(low, high, high_open=True):
+    close = ")" if high_open else "]"
+    return (lambda v: low <= v < high if high_open else low <= v <= high), f"in [{low}, {high}{close}"
+
+
+POSITIVE = ((lambda v: v > 0), "> 0")
+PROBABILITY = in_interval(0, 1)
+
+NUMERIC_RANGES = {
+    "model.vocab_size": at_least(1), "model.vocab_multiple": at_least(1), "model.max_len": at_least(1),
+    "model.n_layer": at_least(1), "model.n_head": at_least(1), "model.d_model": at_least(1),
+    "model.d_ff": at_least(1), "model.dropout": PROBABILITY, "model.layer_norm_eps": POSITIVE,
+    "model.rope_base": POSITIVE,
+    "data.seq_len": at_least(1), "data.eval_fraction": PROBABILITY, "data.shard_tokens": at_least(1),
+    "train.steps": at_least(0), "train.stop_at_step": at_least(0), "train.flop_budget": at_least(0),
+    "train.batch_size": at_least(1), "train.grad_accum_steps": at_least(1), "train.seed": at_least(0),
+    "train.learning_rate": POSITIVE, "train.warmup_steps": at_least(0), "train.min_lr_ratio": in_interval(0, 1, False),
+    "train.weight_decay": at_least(0), "train.b1": PROBABILITY, "train.b2": PROBABILITY,
+    "train.loss_chunk_tokens": at_least(-1), "train.grad_clip": at_least(0), "train.log_every": at_least(1),
+    "train.eval_every": at_least(0), "train.checkpoint_every": at_least(1), "train.keep_checkpoints": at_least(1),
+    "train.eval_steps": at_least(0), "train.peak_flops": at_least(0), "train.num_processes": at_least(1),
+    "train.process_id": at_least(0),
+}
+CHOICES = {
+    "data.source": ("text", "tfds", "hf", "python_docs"),
+    "data.txt_documents": ("file", "blank_lines"),
+    "data.utf8_errors": ("strict", "replace"),
+}
+SOURCES_THAT_READ_PATH = ("text", "hf")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises a UserError naming the first key whose value is out of its allowed range (or of the wrong type)."""
+    for key, (ok, allowed) in NUMERIC_RANGES.items():
+        group, name = key.split(".")
+        value = config[group][name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
+            kind = "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a number"
+            raise UserError(f"{key}={value!r} is out of range: it must be {kind} {allowed}")
+    for key, allowed in CHOICES.items():
+        group, name = key.split(".")
+        if config[group][name] not in allowed:
+            raise UserError(f"{key}={config[group][name]!r} is not one of {allowed}")
+    train, data = config.train, config.data
+    if train.process_id >= train.num_processes:
+        raise UserError(f"train.process_id={train.process_id} must be below train.num_processes="
+                        f"{train.num_processes}")
+    if train.steps == 0 and train.flop_budget == 0:
+        raise UserError("train.steps is 0, which derives the steps from train.flop_budget, but that is not set; "
+                        "set train.steps or train.flop_budget")
+    if data.seq_len > config.model.max_len:
+        raise UserError(f"data.seq_len={data.seq_len} is longer than the context model.max_len="
+                        f"{config.model.max_len}; lower data.seq_len or raise model.max_len")
+    if data.path and data.source not in SOURCES_THAT_READ_PATH:
+        raise UserError(f"data.path={data.path!r} is set but data.source={data.source!r} does not read it; add "
+                        f"--config.data.source=text to train on those files")
+    from gptjax.model import ModelConfig
+
+    ModelConfig.from_config(config.model)  # its own checks: divisibility, known names
+
+
+def key_comments() -> dict[str, str]:
+    """'group.key' -> the comment above it in `base_config` (every key has one; a test makes sure)."""
+    comments, above = {}, []
+    for line in inspect.getsource(base_config).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+        elif stripped.startswith(("model.", "data.", "train.")) and " = " in stripped:
+            comments[stripped.split(" = ")[0]] = " ".join(above)
+            above = []
+        else:
+            above = []
+    return comments
+
+
+def describe_keys(config: ml_collections.ConfigDict) -> str:
+    """Every key of `config` as `group.key = value    # comment`, group by group."""
+    comments = key_comments()
+    lines = []
+    for group in ("model", "data", "train"):
+        for name, value in config[group].items():
+            key = f"{group}.{name}"
+            lines.append(f"{key} = {value!r}\n    # {comments.get(key, '')}")
+    return "\n".join(lines)
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -206,3 +309,10 @@ def define_config_flag(default_config: str):
         check_command_line(sys.argv[1:], default_config)
     return config_flags.DEFINE_config_file("config", default_config, "Experiment config file (get_config()).",
                                            lock_config=True)
+
+
+if __name__ == "__main__":
+    from gptjax import cli
+
+    _CONFIG = define_config_flag("experiments/tiny.py")
+    cli.run(lambda: print(describe_keys(_CONFIG.value)))

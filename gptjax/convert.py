@@ -12,12 +12,12 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-from gptjax import checkpoints
+from gptjax import checkpoints, cli
 from gptjax import train_step as steps_lib
 from gptjax.configs import base_config
-from gptjax.errors import UserError, exit_on_user_error
+from gptjax.errors import UserError, check_workdir
 from gptjax.model import ModelConfig, count_params
 
 
@@ -83,6 +83,9 @@ def convert(hf_dir: str, workdir: str) -> dict:
     """Writes the converted checkpoint (step 0) to `workdir`; returns a summary."""
     import jax
 
+    if not os.path.isdir(hf_dir):
+        raise UserError(f"--hf {hf_dir!r} is not a directory; pass the directory that save_pretrained wrote")
+    check_workdir(workdir)
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"{config_path} does not exist; pass --hf the directory that save_pretrained wrote")
@@ -114,14 +117,11 @@ def convert(hf_dir: str, workdir: str) -> dict:
     return {"workdir": os.path.abspath(workdir), "params": count_params(params), "model": config.model.to_dict()}
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    with exit_on_user_error():
-        print(json.dumps(convert(flags.FLAGS.hf, flags.FLAGS.workdir)))
+def main():
+    print(json.dumps(convert(flags.FLAGS.hf, flags.FLAGS.workdir)))
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("hf", None, "Hugging Face GPT-2 directory (config.json + model.safetensors).", required=True)
     flags.DEFINE_string("workdir", None, "Where to write the gptjax checkpoint.", required=True)
-    app.run(main)
+    cli.run(main)

@@ -5,6 +5,7 @@ prints one line naming the problem and the fix instead of a traceback.
 """
 
 import contextlib
+import os
 import sys
 
 
@@ -20,3 +21,12 @@ def exit_on_user_error():
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_workdir(workdir: str, must_exist: bool = False) -> None:
+    """A run directory must be a directory (it holds checkpoints, logs and the token cache), never a file."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir!r} is a file, not a directory; a workdir holds a run's checkpoints, logs "
+                        f"and token cache: pass a new or existing directory")
+    if must_exist and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir!r} does not exist; pass the --workdir of a trained run")

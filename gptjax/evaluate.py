@@ -11,14 +11,14 @@ import math
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
-from gptjax import input_pipeline
+from gptjax import cli, input_pipeline
 from gptjax import train_step as steps_lib
 from gptjax.checkpoints import load_for_inference
-from gptjax.errors import UserError, exit_on_user_error
+from gptjax.errors import UserError
 
 
 def evaluate_loss(params, eval_step, stream, seq_len: int, batch_size: int, max_batches: int, mesh,
@@ -85,33 +85,32 @@ def define_flags():
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    with exit_on_user_error():
-        params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
-        config = ml_collections.ConfigDict(meta["config"])
-        for key in ("source", "path", "name"):
-            if getattr(FLAGS, key) is not None:
-                config.data[key] = getattr(FLAGS, key)
-        if FLAGS.split not in ("validation", "train"):
-            raise UserError(f"--split={FLAGS.split!r} must be 'validation' or 'train'")
-        cache = input_pipeline.prepare(config, FLAGS.workdir)
-        train = config.train
-        batch_size = FLAGS.batch_size or train.batch_size // train.grad_accum_steps
-        max_batches = train.eval_steps if FLAGS.max_batches is None else FLAGS.max_batches
-        mesh = steps_lib.data_mesh()
-        if batch_size % mesh.size:
-            raise UserError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices")
-        params_sharding = steps_lib.replicated_sharding(params, mesh)
-        eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding)
-        results = evaluate_loss(params, eval_step, cache.stream(FLAGS.split), config.data.seq_len, batch_size,
-                                max_batches, mesh, token_byte_lengths(config.data.tokenizer,
-                                                                      model_config.padded_vocab_size),
-                                progress=True)
-        print(json.dumps({"step": meta["step"], "split": FLAGS.split, "source": config.data.source, **results}))
+def main():
+    cli.require(FLAGS.split in ("validation", "train"), f"--split={FLAGS.split!r} must be 'validation' or 'train'")
+    cli.require(FLAGS.batch_size is None or FLAGS.batch_size >= 1, f"--batch_size={FLAGS.batch_size} must be >= 1")
+    cli.require(FLAGS.max_batches is None or FLAGS.max_batches >= 0,
+                f"--max_batches={FLAGS.max_batches} must be >= 0 (0 = the whole split)")
+    params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
+    config = ml_collections.ConfigDict(meta["config"])
+    for key in ("source", "path", "name"):
+        if getattr(FLAGS, key) is not None:
+            config.data[key] = getattr(FLAGS, key)
+    cache = input_pipeline.prepare(config, FLAGS.workdir)
+    train = config.train
+    batch_size = FLAGS.batch_size or train.batch_size // train.grad_accum_steps
+    max_batches = train.eval_steps if FLAGS.max_batches is None else FLAGS.max_batches
+    mesh = steps_lib.data_mesh()
+    if batch_size % mesh.size:
+        raise UserError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices")
+    params_sharding = steps_lib.replicated_sharding(params, mesh)
+    eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding)
+    results = evaluate_loss(params, eval_step, cache.stream(FLAGS.split), config.data.seq_len, batch_size,
+                            max_batches, mesh, token_byte_lengths(config.data.tokenizer,
+                                                                  model_config.padded_vocab_size),
+                            progress=True)
+    print(json.dumps({"step": meta["step"], "split": FLAGS.split, "source": config.data.source, **results}))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

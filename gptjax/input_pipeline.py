@@ -12,18 +12,21 @@ Two stages, as nanoGPT's prepare.py + train.py, but resumable and exact:
 2. `train_batches(...)` cuts the cached stream into windows of seq_len + 1 tokens (window w = tokens
    [w * seq_len, w * seq_len + seq_len + 1): consecutive windows overlap by one token, so every token is a prediction
    target exactly once per epoch and nothing is padded) and serves batches through tf.data (parallel reads,
-   prefetch). Shuffling is a seeded permutation of window indices per epoch, so batch i is a pure function of
-   (data, seed, i): a restarted run asks for batches from its step on and sees exactly what it would have seen.
+   prefetch). Shuffling is a seeded permutation of window indices per epoch, computed once per epoch and kept (a
+   batch costs O(batch_size) whatever the corpus size), so batch i is a pure function of (data, seed, i): a
+   restarted run asks for batches from its step on and sees exactly what it would have seen.
    With several processes each one builds only its own rows of the global batch.
 """
 
 import atexit
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import os
 import re
+import threading
 import weakref
 from typing import Iterator
 
@@ -39,8 +42,7 @@ DOCUMENTS_PER_TOKENIZER_CALL = 512
 
 
 def import_tensorflow():
-    """TensorFlow for tf.data only: quiet, and hidden from GPUs so that XLA keeps all their memory."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """TensorFlow for tf.data only (kept quiet by gptjax/__init__.py), hidden from GPUs so XLA keeps all their memory."""
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -208,18 +210,46 @@ def tfds_documents(data):
         raise UserError(f"TFDS has no dataset {data.name!r} ({type(e).__name__}: {str(e).splitlines()[0][:400]}); "
                         f"check data.name, or point data.data_dir at a directory where it is prepared") from None
     if not builder.is_prepared():
-        try:
-            builder.download_and_prepare()
-        except Exception as e:
-            raise UserError(f"TFDS dataset {data.name!r} is not prepared in {builder.data_dir} and could not be "
-                            f"downloaded ({type(e).__name__}); go online once or set data.data_dir to a prepared "
-                            f"copy") from None
+        download_and_prepare_tfds(builder, data)
     features = builder.info.features
     if data.text_field not in features:
         raise UserError(f"TFDS dataset {data.name!r} has no feature {data.text_field!r} (features: "
                         f"{sorted(features.keys())}); set data.text_field")
     dataset = builder.as_dataset(split=data.split, shuffle_files=False)
     return dataset.map(lambda example: example[data.text_field])
+
+
+# Where TFDS fetches prepared copies of its catalog datasets: reachable means a download can be tried at all.
+TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+
+
+def download_and_prepare_tfds(builder, data) -> None:
+    """Downloads and prepares a TFDS dataset, failing fast (one line, no retry storm) when the machine is offline,
+    and leaving no half-built dataset or download directory behind when anything fails."""
+    import shutil
+    import socket
+
+    root = str(builder.data_dir_root)
+    fixes = (f"go online once (the first run downloads and prepares it), point data.data_dir at a directory where "
+             f"it is prepared, or train on local files (--config.data.source=text --config.data.path=...)")
+    if type(builder).__module__.startswith("tensorflow_datasets."):  # catalog datasets download; local ones build
+        try:
+            socket.create_connection(TFDS_DOWNLOAD_HOST, timeout=5).close()
+        except OSError as e:
+            raise UserError(f"TFDS dataset {data.name!r} is not prepared in {root} and cannot be downloaded: "
+                            f"{TFDS_DOWNLOAD_HOST[0]} is unreachable ({type(e).__name__}); {fixes}") from None
+    downloads = os.path.join(root, "downloads")
+    new_paths = [p for p in (root, os.path.join(root, builder.name), downloads, os.path.join(downloads, builder.name))
+                 if not os.path.exists(p)]
+    try:
+        builder.download_and_prepare()
+    except BaseException as e:
+        for path in new_paths:
+            shutil.rmtree(path, ignore_errors=True)
+        if not isinstance(e, Exception):  # Ctrl-C: cleaned up, and still an interrupt
+            raise
+        raise UserError(f"TFDS dataset {data.name!r} is not prepared in {root} and could not be downloaded "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {fixes}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,10 +378,30 @@ class TokenCache:
     def num_tokens(self, split: str) -> int:
         return sum(shard["tokens"] for shard in self.manifest["splits"][split])
 
+    def fingerprint(self) -> str:
+        """Changes when the cached token stream does: another source, tokenizer or split, or a rebuilt corpus."""
+        content = json.dumps({"key": self.manifest["key"], "splits": self.manifest["splits"]}, sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()[:16]
+
     def stream(self, split: str) -> "TokenStream":
-        shards = [np.memmap(os.path.join(self.directory, s["file"]), dtype=self.manifest["dtype"], mode="r")
+        shards = [open_shard(os.path.join(self.directory, s["file"]), self.manifest["dtype"])
                   for s in self.manifest["splits"][split] if s["tokens"]]
         return TokenStream(shards)
+
+
+def open_shard(path: str, dtype: str) -> np.ndarray:
+    """A shard file memory-mapped read-only as a 1-D token array, advised for random access.
+
+    Training reads one 514-byte window here, the next one far away: the kernel's default read-ahead would fetch
+    ~128 kB around each. Measured at Wikipedia scale (20M windows of 256): 120 ms -> 1.7 ms per batch of 128.
+    """
+    import mmap
+
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise"):  # not on Windows
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype)
 
 
 class TokenStream:
@@ -381,9 +431,28 @@ class TokenStream:
         return np.stack([self.read(int(w) * seq_len, seq_len + 1) for w in window_ids])
 
 
+def shuffled_windows(num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of windows in one epoch: a pure function of (seed, epoch). O(num_windows): ~2 s for English
+    Wikipedia's ~20M windows of 256 tokens, so `epoch_permutation` computes it once per epoch, not once per batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_windows)
+    return order.astype(np.uint32 if num_windows < 2**32 else np.int64)  # 80 MB instead of 160 for 20M windows
+
+
+_permutation_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=2)  # this epoch and the next: one batch can span the boundary
+def _kept_permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    order = shuffled_windows(num_windows, seed, epoch)
+    order.setflags(write=False)  # shared by every batch of the epoch
+    return order
+
+
 def epoch_permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of windows in one epoch: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_windows).astype(np.int64)
+    """`shuffled_windows`, kept for the next batches: tf.data loads several batches at once on its threads, and the
+    lock makes the first of them compute an epoch's order while the others wait for it."""
+    with _permutation_lock:
+        return _kept_permutation(num_windows, seed, epoch)
 
 
 def batch_window_ids(step: int, batch_size: int, num_windows: int, seed: int,
@@ -392,7 +461,7 @@ def batch_window_ids(step: int, batch_size: int, num_windows: int, seed: int,
     positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)[rows]
     epochs, within = np.divmod(positions, num_windows)
     ids = np.empty_like(positions)
-    for epoch in np.unique(epochs):
+    for epoch in np.unique(epochs):  # one or two epochs; their orders are computed once and kept
         ids[epochs == epoch] = epoch_permutation(num_windows, seed, int(epoch))[within[epochs == epoch]]
     return ids
 

@@ -3,9 +3,10 @@
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
-from gptjax.errors import UserError, exit_on_user_error
+from gptjax import cli
+from gptjax.errors import UserError, check_workdir
 
 
 def plot_metrics(workdir: str, output: str | None = None) -> str:
@@ -15,6 +16,10 @@ def plot_metrics(workdir: str, output: str | None = None) -> str:
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
 
+    check_workdir(workdir, must_exist=True)
+    output = output or os.path.join(workdir, "loss.png")
+    if os.path.isdir(output):
+        raise UserError(f"--output {output!r} is a directory; pass the path of the PNG file to write")
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; train first (python -m gptjax.train --workdir {workdir})")
@@ -32,20 +37,17 @@ def plot_metrics(workdir: str, output: str | None = None) -> str:
     axis.set_title(os.path.basename(os.path.abspath(workdir)))
     axis.grid(alpha=0.3)
     axis.legend()
-    output = output or os.path.join(workdir, "loss.png")
     figure.tight_layout()
     figure.savefig(output, dpi=120)
     plt.close(figure)
     return output
 
 
-def main(argv):
-    del argv
-    with exit_on_user_error():
-        print(plot_metrics(flags.FLAGS.workdir, flags.FLAGS.output))
+def main():
+    print(plot_metrics(flags.FLAGS.workdir, flags.FLAGS.output))
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", "runs/default", "Run directory with metrics.jsonl.")
     flags.DEFINE_string("output", None, "PNG path (default: <workdir>/loss.png).")
-    app.run(main)
+    cli.run(main)

@@ -6,23 +6,24 @@ training (as nanoGPT's prepare.py). Interrupt it at any time: a rerun continues 
 
 import json
 
-from absl import app, flags
+from absl import flags
 
-from gptjax import input_pipeline
-from gptjax.configs import define_config_flag
-from gptjax.errors import exit_on_user_error
+from gptjax import cli, input_pipeline
+from gptjax.configs import define_config_flag, validate
+from gptjax.errors import check_workdir
 
-def main(argv):
-    del argv
-    with exit_on_user_error():
-        cache = input_pipeline.prepare(_CONFIG.value, flags.FLAGS.workdir)
-        summary = {"cache": cache.directory, "documents": cache.manifest["documents"],
-                   "train_tokens": cache.num_tokens("train"), "validation_tokens": cache.num_tokens("validation")}
-        print(json.dumps(summary))
+
+def main():
+    validate(_CONFIG.value)
+    check_workdir(flags.FLAGS.workdir)
+    cache = input_pipeline.prepare(_CONFIG.value, flags.FLAGS.workdir)
+    summary = {"cache": cache.directory, "documents": cache.manifest["documents"],
+               "train_tokens": cache.num_tokens("train"), "validation_tokens": cache.num_tokens("validation")}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
     _CONFIG = define_config_flag("experiments/tiny.py")
     flags.DEFINE_string("workdir", "runs/default", "Run directory; the cache goes to <workdir>/data unless "
                         "data.cache_dir is set.")
-    app.run(main)
+    cli.run(main)

@@ -8,11 +8,11 @@ batched decoding loop and print when done. A sample ends at end-of-text or after
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 
-from gptjax import sampling
+from gptjax import cli, sampling
 from gptjax.checkpoints import load_for_inference
-from gptjax.errors import UserError, exit_on_user_error
+from gptjax.errors import UserError
 from gptjax.tokenizer import load_tokenizer
 
 def define_flags():
@@ -54,33 +54,29 @@ def read_prompt() -> str:
                         f"text file") from None
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    with exit_on_user_error():
-        params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
-        check_options(model_config.vocab_size)
-        tokenizer = load_tokenizer(meta["tokenizer"])
-        eos = tokenizer.eos_token_id
-        prompt_text = read_prompt()
-        prompt_ids, dropped = sampling.fit_prompt(tokenizer.encode(prompt_text), model_config, eos)
-        if dropped:
-            print(f"note: the prompt has {dropped + len(prompt_ids)} tokens; keeping its last {len(prompt_ids)} "
-                  f"(the context window)", file=sys.stderr)
-        print(f"[step {meta['step']} of {FLAGS.workdir}]", file=sys.stderr)
-        options = dict(num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
-                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_id=eos)
-        chunks = sampling.generate_chunks(params, model_config, prompt_ids, jax.random.PRNGKey(FLAGS.seed),
-                                          **options)
-        if FLAGS.num_samples == 1:
-            stream_one(chunks, tokenizer, prompt_text, eos)
-        else:
-            import numpy as np
+def main():
+    params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
+    check_options(model_config.vocab_size)
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    eos = tokenizer.eos_token_id
+    prompt_text = read_prompt()
+    prompt_ids, dropped = sampling.fit_prompt(tokenizer.encode(prompt_text), model_config, eos)
+    if dropped:
+        print(f"note: the prompt has {dropped + len(prompt_ids)} tokens; keeping its last {len(prompt_ids)} "
+              f"(the context window)", file=sys.stderr)
+    print(f"[step {meta['step']} of {FLAGS.workdir}]", file=sys.stderr)
+    options = dict(num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
+                   temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_id=eos)
+    chunks = sampling.generate_chunks(params, model_config, prompt_ids, jax.random.PRNGKey(FLAGS.seed), **options)
+    if FLAGS.num_samples == 1:
+        stream_one(chunks, tokenizer, prompt_text, eos)
+    else:
+        import numpy as np
 
-            samples = np.concatenate(list(chunks), axis=1)
-            for i, tokens in enumerate(samples):
-                text = tokenizer.decode(sampling.truncate_at_eos(tokens, eos))
-                print(f"--- sample {i + 1} ---\n{prompt_text}{text}")
+        samples = np.concatenate(list(chunks), axis=1)
+        for i, tokens in enumerate(samples):
+            text = tokenizer.decode(sampling.truncate_at_eos(tokens, eos))
+            print(f"--- sample {i + 1} ---\n{prompt_text}{text}")
 
 
 def stream_one(chunks, tokenizer, prompt_text: str, eos: int) -> None:
@@ -105,4 +101,4 @@ def stream_one(chunks, tokenizer, prompt_text: str, eos: int) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

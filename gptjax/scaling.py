@@ -1,5 +1,8 @@
 """`python -m gptjax.scaling --flops 1e17`: compute-optimal model and data size (Hoffmann et al. 2022, Chinchilla).
 
+With `--config experiments/m1.py --device_flops 10.4e12 --mfu 0.3` it instead projects how long that experiment
+takes on a device with that peak at that MFU (model FLOPs utilisation).
+
 Given a training budget C in FLOPs (or a device's FLOP/s, an expected MFU and hours), it prints:
 - the ~20-tokens-per-parameter rule with C = 6 N D:            N = sqrt(C / 120), D = 20 N;
 - the paper's fitted loss L(N, D) = E + A / N^alpha + B / D^beta (approach 3), minimised under C = 6 N D:
@@ -7,10 +10,12 @@ Given a training budget C in FLOPs (or a device's FLOP/s, an expected MFU and ho
 - the loss that fit predicts, and gptjax shapes near N_opt with their exact parameter counts.
 """
 
-import argparse
 import json
 import math
 
+from gptjax import cli
+from gptjax.configs import load_config_file, validate
+from gptjax.errors import exit_on_user_error
 from gptjax.model import ModelConfig, flops_per_token, param_count
 
 # Hoffmann et al. 2022, section 3.3 / appendix D.2: the parametric fit of approach 3.
@@ -48,6 +53,34 @@ def suggest_shapes(target_params: float, context: int = 256, count: int = 3) -> 
                                   d_ff=4 * d_model)
                 candidates.append((abs(math.log(param_count(cfg) / target_params)), cfg))
     return [cfg for _, cfg in sorted(candidates, key=lambda c: c[0])[:count]]
+
+
+def planned_steps(config, model_config: ModelConfig) -> int:
+    """train.steps, or when it is 0, as many steps as train.flop_budget buys at 6N + 12LTD FLOPs per token."""
+    train = config.train
+    if train.steps > 0:
+        return train.steps
+    tokens_per_step = train.batch_size * config.data.seq_len
+    return max(1, int(train.flop_budget // (flops_per_token(model_config) * tokens_per_step)))
+
+
+def projection(config, device_flops: float, mfu: float) -> dict:
+    """An experiment's size and the hours it takes on a device of `device_flops` peak FLOP/s at `mfu` of it."""
+    model_config = ModelConfig.from_config(config.model)
+    steps = planned_steps(config, model_config)
+    tokens = steps * config.train.batch_size * config.data.seq_len
+    flops = tokens * flops_per_token(model_config)
+    return {"params": param_count(model_config), "flops_per_token": flops_per_token(model_config), "steps": steps,
+            "tokens": tokens, "flops": flops, "tokens_per_parameter": tokens / param_count(model_config),
+            "device_flops": device_flops, "mfu": mfu, "tokens_per_second": device_flops * mfu / flops_per_token(
+                model_config), "hours": flops / (device_flops * mfu) / 3600}
+
+
+def explain_projection(name: str, p: dict) -> str:
+    return (f"{name}: {p['params'] / 1e6:.1f}M parameters, {p['flops_per_token'] / 1e6:.0f}M FLOPs per token, "
+            f"{p['steps']:,} steps = {p['tokens'] / 1e9:.2f}B tokens ({p['tokens_per_parameter']:.0f} per parameter) "
+            f"= {p['flops']:.3g} FLOPs\n  at {100 * p['mfu']:.0f}% MFU of {p['device_flops'] / 1e12:.3g} TFLOP/s: "
+            f"{p['tokens_per_second'] / 1e3:,.0f}k tokens/s, {p['hours']:.1f} hours")
 
 
 def report(flops: float, context: int = 256) -> dict:
@@ -94,18 +127,33 @@ def explain(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops", type=float, help="training budget in FLOPs, e.g. 1e17")
     parser.add_argument("--device_flops", type=float, help="or: the device's peak FLOP/s ...")
     parser.add_argument("--mfu", type=float, default=0.35, help="... the fraction of it training reaches ...")
     parser.add_argument("--hours", type=float, help="... and the hours you have")
     parser.add_argument("--context", type=int, default=256, help="context length of the suggested shapes")
+    parser.add_argument("--config", help="or: an experiment file, to project its hours from --device_flops and --mfu")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    if args.flops is None:
-        if args.device_flops is None or args.hours is None:
-            parser.error("give --flops, or --device_flops and --hours (and optionally --mfu)")
-        args.flops = args.device_flops * args.mfu * args.hours * 3600
+    with exit_on_user_error():
+        for name in ("flops", "device_flops", "hours", "context"):
+            value = getattr(args, name)
+            cli.require(value is None or (math.isfinite(value) and value > 0),
+                        f"--{name}={value} must be a positive number")
+        cli.require(0 < args.mfu <= 1, f"--mfu={args.mfu} must be in (0, 1]: the fraction of the peak reached")
+        if args.config:
+            cli.require(args.device_flops is not None, "--config needs --device_flops (the device's peak FLOP/s, "
+                                                       "e.g. 10.4e12 for an M1 Max in float32) and --mfu")
+            config = load_config_file(args.config)
+            validate(config)
+            result = projection(config, args.device_flops, args.mfu)
+            print(json.dumps(result, indent=1) if args.json else explain_projection(args.config, result))
+            return
+        if args.flops is None:
+            cli.require(args.device_flops is not None and args.hours is not None,
+                        "give --flops, or --device_flops and --hours (and optionally --mfu)")
+            args.flops = args.device_flops * args.mfu * args.hours * 3600
     result = report(args.flops, args.context)
     print(json.dumps(result, indent=1) if args.json else explain(result))
 

@@ -15,17 +15,19 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
-from gptjax import checkpoints, hardware, input_pipeline, sampling
+from gptjax import checkpoints, cli, hardware, input_pipeline, sampling
 from gptjax.evaluate import evaluate_loss
 from gptjax import train_step as steps_lib
-from gptjax.configs import define_config_flag
-from gptjax.errors import UserError, exit_on_user_error
+from gptjax.configs import define_config_flag, validate
+from gptjax.errors import UserError, check_workdir
 from gptjax.model import ModelConfig, flops_per_token, param_count
+from gptjax.scaling import planned_steps
 from gptjax.tokenizer import load_tokenizer
 
 
@@ -52,17 +54,6 @@ def distributed_is_initialized() -> bool:
     from jax._src import distributed  # jax 0.5 (the Apple stack) has no public spelling
 
     return distributed.global_state.client is not None
-
-
-def planned_steps(config: ml_collections.ConfigDict, model_config: ModelConfig) -> int:
-    """train.steps, or when it is 0, as many steps as train.flop_budget buys at 6N + 12LTD FLOPs per token."""
-    train = config.train
-    if train.steps > 0:
-        return train.steps
-    if train.flop_budget <= 0:
-        raise UserError("train.steps is 0 but train.flop_budget is not set; set one of them")
-    tokens_per_step = train.batch_size * config.data.seq_len
-    return max(1, int(train.flop_budget // (flops_per_token(model_config) * tokens_per_step)))
 
 
 def check_batch_layout(train: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
@@ -130,8 +121,10 @@ def sample_text(params, model_config: ModelConfig, tokenizer, seed: int, max_new
     return tokenizer.decode(sampling.truncate_at_eos(tokens, tokenizer.eos_token_id))
 
 
-def describe(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+def describe(n: float, flops: bool = False) -> str:
+    """A short count: 820M tokens, 1.2B tokens; FLOPs in SI units: 122M, 5.5G, 1e17 = 100P."""
+    units = (("P", 1e15), ("T", 1e12), ("G", 1e9)) if flops else (("T", 1e12), ("B", 1e9))
+    for unit, size in units + (("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.3g}"
@@ -141,16 +134,68 @@ class StopSignal:
     """Signal handler for Ctrl-C (SIGINT) and SIGTERM: the loop stops after the step in flight and saves it.
 
     Raising from the handler instead could land inside the jitted step, after it consumed (donated) the old state
-    and before the new one exists, leaving nothing to save. A second Ctrl-C stops at once.
+    and before the new one exists, leaving nothing to save. The first Ctrl-C says so at once (an evaluation or a
+    save may still be running); a second one stops at once.
     """
 
-    def __init__(self):
+    def __init__(self, announce: bool):
         self.requested = False
+        self.announce = announce
 
     def __call__(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        if self.announce:  # os.write, not print: the handler may run in the middle of tqdm's own write to stderr
+            os.write(2, b"\nStopping after the step in progress (and its evaluation or save), then saving a "
+                        b"checkpoint; press Ctrl-C again to stop at once\n")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run stopped on Ctrl-C / SIGTERM after saying what was saved."""
+
+
+def data_fingerprint(config: ml_collections.ConfigDict, cache: input_pipeline.TokenCache) -> dict:
+    """What decides which tokens batch i holds; saved in checkpoints and compared on resume."""
+    return {"token_cache": cache.fingerprint(), "train.batch_size": config.train.batch_size,
+            "data.seq_len": config.data.seq_len, "train.seed": config.train.seed}
+
+
+def check_same_data(meta: dict, fingerprint: dict, accept_change: bool) -> None:
+    """Refuses to resume onto other data or batches (which would silently change what comes next), unless asked."""
+    saved = meta.get("data_fingerprint") or fingerprint  # checkpoints from before this check have none
+    differences = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in fingerprint.items()
+                   if saved.get(key) != value]
+    if not differences:
+        return
+    what = "; ".join(differences)
+    if not accept_change:
+        raise UserError(f"the checkpoint at step {meta['step']} was trained on other data or batches ({what}), so "
+                        f"resuming would change which tokens come next; rerun with the checkpoint's settings, or add "
+                        f"--config.train.accept_data_change=true to go on with the new ones")
+    print(f"note     | resuming at step {meta['step']} with other data or batches ({what}), as "
+          f"train.accept_data_change asks")
+
+
+def check_evaluation_data(config: ml_collections.ConfigDict, cache: input_pipeline.TokenCache) -> bool:
+    """Whether held-out evaluation runs; refuses, before the first step, a validation split too small for it."""
+    train, data = config.train, config.data
+    if not train.eval_every:
+        return False
+    if data.eval_fraction == 0:
+        print("note     | data.eval_fraction=0 holds out no documents: no held-out evaluation in this run")
+        return False
+    validation_tokens = cache.num_tokens("validation")
+    if cache.stream("validation").num_windows(data.seq_len) == 0:
+        fixes = ["add more documents", "train without held-out evaluation (--config.data.eval_fraction=0)"]
+        if data.source == "text" and data.txt_documents == "file":
+            fixes.insert(0, "split .txt files into documents at blank lines (--config.data.txt_documents=blank_lines)")
+        raise UserError(
+            f"the validation split has {validation_tokens} tokens, fewer than one window of data.seq_len + 1 = "
+            f"{data.seq_len + 1}: every {max(1, round(1 / data.eval_fraction))}th document is held out and the corpus "
+            f"has {cache.manifest.get('documents', 0)} document(s). To fix it, {', '.join(fixes[:-1])} or "
+            f"{fixes[-1]}")
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,18 +204,19 @@ class StopSignal:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
     """Trains (or resumes) the configured run in `workdir`; returns the last logged metrics."""
+    validate(config)
+    check_workdir(workdir)
     train, data = config.train, config.data
     hardware.select_platform(train.platform)
     maybe_initialize_distributed(train)
     model_config = ModelConfig.from_config(config.model)
-    if data.seq_len > model_config.max_len:
-        raise UserError(f"data.seq_len={data.seq_len} is longer than the context model.max_len="
-                        f"{model_config.max_len}; lower data.seq_len or raise model.max_len")
     is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
     cache = prepare_data(config, workdir)
     train_stream, eval_stream = cache.stream("train"), cache.stream("validation")
+    input_pipeline.check_enough_tokens(train_stream, data.seq_len, "train")
+    evaluate = check_evaluation_data(config, cache)
     tokenizer = load_tokenizer(data.tokenizer)
     if len(tokenizer) > model_config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={model_config.vocab_size}; "
@@ -187,15 +233,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
                     out_shardings=state_sharding)()
     manager = checkpoints.make_manager(workdir, keep=train.keep_checkpoints, async_save=train.async_checkpoints)
     restored = checkpoints.restore_latest(manager, workdir, config.model.to_dict(), state.params, state.opt_state)
+    last = {}
     if restored is not None:
         params, opt_state, meta = restored
-        state = state.replace(step=meta["step"], params=params, opt_state=opt_state)
+        # The step as the same int32 array a fresh state has, so the first resumed step reuses the compiled step.
+        step = jax.device_put(np.asarray(meta["step"], np.int32), state_sharding.step)
+        state = state.replace(step=step, params=params, opt_state=opt_state)
+        last = meta.get("metrics") or {}
+        check_same_data(meta, data_fingerprint(config, cache), train.accept_data_change)
         checkpoints.set_aside_newer(manager, workdir, meta["step"])  # damaged ones we are about to overwrite
     elif train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
         params, _, meta = checkpoints.load_for_inference(train.init_from)
         checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)
         state = state.replace(params=jax.device_put(params, state_sharding.params))
     start_step = int(state.step)
+    end_step = min(total_steps, train.stop_at_step) if train.stop_at_step > 0 else total_steps
+    if start_step >= end_step:
+        if is_chief:
+            print(f"The run in {workdir} is already at step {start_step} of {total_steps}: nothing to do. To train "
+                  f"longer, raise --config.train.steps (the learning-rate schedule then stretches to the new end) "
+                  f"or start a fresh --workdir")
+        manager.close()
+        return {"step": start_step, "total_steps": total_steps, **last}
 
     tokens_per_step = train.batch_size * data.seq_len
     model_flops = flops_per_token(model_config)
@@ -205,8 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
         devices = jax.devices()
         print(f"devices  | {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
               f"{jax.process_count()} process(es)")
-        print(f"model    | {param_count(model_config):,} parameters | {describe(model_flops)} FLOPs/token "
-              f"(6N + 12LTD) | {model_config.n_layer} layers, d_model {model_config.d_model}, "
+        print(f"model    | {param_count(model_config):,} parameters | {describe(model_flops, flops=True)} "
+              f"FLOPs/token (6N + 12LTD) | {model_config.n_layer} layers, d_model {model_config.d_model}, "
               f"{model_config.pos_embedding} positions, {model_config.activation}")
         print(f"data     | {input_pipeline.describe_source(data)} | train {cache.num_tokens('train'):,} tokens "
               f"({num_windows:,} windows of {data.seq_len + 1}) | validation {cache.num_tokens('validation'):,} "
@@ -214,8 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
         planned_tokens = total_steps * tokens_per_step
         print(f"budget   | {total_steps:,} steps x {tokens_per_step:,} tokens = {describe(planned_tokens)} tokens "
               f"({planned_tokens / max(1, cache.num_tokens('train')):.2f} epochs), "
-              f"{describe(planned_tokens * model_flops)} FLOPs | peak {describe(peak * mesh.size)}FLOP/s "
-              f"({peak_source})")
+              f"{describe(planned_tokens * model_flops, flops=True)}FLOPs | peak "
+              f"{describe(peak * mesh.size, flops=True)}FLOP/s ({peak_source})")
         print(f"workdir  | {os.path.abspath(workdir)}" + (f" | resumed at step {start_step}" if start_step else ""))
 
     step_fn = steps_lib.make_train_step(model_config, optimizer, mesh, state_sharding, train.seed,
@@ -233,15 +292,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     def meta_for(step: int, metrics: dict) -> dict:
         return {"step": step, "config": config.to_dict(), "tokenizer": data.tokenizer,
                 "data_position": input_pipeline.data_position(step, train.batch_size, num_windows),
+                "data_fingerprint": data_fingerprint(config, cache),
                 "metrics": metrics}
 
     def save(step: int, metrics: dict) -> None:
         checkpoints.save(manager, step, state.params, state.opt_state, meta_for(step, metrics))
 
-    last = {}
     step = start_step
-    end_step = min(total_steps, train.stop_at_step) if train.stop_at_step > 0 else total_steps
-    stop = StopSignal()
+    stop = StopSignal(announce=is_chief)
     previous_handlers = ({signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
                          if is_main_thread() else {})
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and is_chief), unit="step",
@@ -259,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
                 clock, clock_step = time.perf_counter(), step
             is_last = step == end_step
             log_now = step % train.log_every == 0 or is_last
-            eval_now = train.eval_every and (step % train.eval_every == 0 or is_last)
+            eval_now = evaluate and (step % train.eval_every == 0 or is_last)
             save_now = step % train.checkpoint_every == 0 or is_last
             if not (log_now or eval_now or save_now):
                 bar.update(1)
@@ -286,31 +344,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
             if save_now:
                 save(step, last)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['learning_rate']:.2e}",
-                            tok_s=f"{tokens_per_second:,.0f}", mfu=f"{100 * last['mfu']:.1f}%")
+                            tok_s=f"{tokens_per_second:,.0f}", mfu=hardware.format_mfu(last["mfu"]))
             bar.update(1)
             clock, clock_step = time.perf_counter(), step  # evaluation and saving do not count against speed
     except KeyboardInterrupt:
         bar.close()
-        if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):  # a second Ctrl-C, inside a step
-            print(f"\nInterrupted inside a step: nothing saved; the last checkpoint in "
-                  f"{checkpoints.checkpoint_dir(workdir)} is kept", file=sys.stderr)
-            raise KeyboardInterrupt from None
-        step = int(state.step)  # the state is the truth if the interrupt landed between the step and the count
-        params_are_finite = bool(jax.numpy.isfinite(optax.global_norm(state.params)))
-        if step > start_step and step not in manager.all_steps() and params_are_finite:
-            if is_chief:
-                print(f"\nInterrupted: saving step {step} to {checkpoints.checkpoint_dir(workdir)}; rerun the same "
-                      f"command to resume", file=sys.stderr)
-            save(step, last)
-        manager.wait_until_finished()
-        raise KeyboardInterrupt from None
+        save_on_interrupt(state, start_step, manager, save, last, workdir, is_chief)
+        raise RunInterrupted from None
     finally:
         bar.close()
         batches.close()
         manager.wait_until_finished()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-    return {"step": step, **last}
+    return {"step": step, "total_steps": total_steps, **last}
+
+
+def save_on_interrupt(state, start_step: int, manager, save, last: dict, workdir: str, is_chief: bool) -> None:
+    """Saves the state an interrupt left (unless it is saved already), and says which checkpoint a rerun resumes."""
+    directory = checkpoints.checkpoint_dir(workdir)
+    if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):  # a second Ctrl-C, inside a step
+        print(f"\nInterrupted inside a step: nothing saved; the last checkpoint in {directory} is kept",
+              file=sys.stderr)
+        return
+    step = int(state.step)  # the state is the truth if the interrupt landed between the step and the count
+    params_are_finite = bool(jax.numpy.isfinite(optax.tree.norm(state.params)))
+    if step > start_step and step not in manager.all_steps() and params_are_finite:
+        if is_chief:
+            print(f"\nInterrupted: saving step {step} to {directory}; rerun the same command to resume",
+                  file=sys.stderr)
+        save(step, last)
+    elif is_chief:
+        manager.wait_until_finished()
+        latest = manager.latest_step()
+        saved = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint was saved yet"
+        print(f"\nInterrupted at step {step}: {saved} in {directory}; rerun the same command to resume",
+              file=sys.stderr)
+    manager.wait_until_finished()
 
 
 def is_main_thread() -> bool:
@@ -318,22 +388,43 @@ def is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def summary(result: dict, workdir: str) -> str:
+    """What a finished (or paused) run reached, and the commands that come next."""
+    step, total = result["step"], result["total_steps"]
+    parts = [f"step {step:,} of {total:,}" + ("" if step >= total else " (paused: rerun the same command to go on)")]
+    if "loss" in result:
+        parts.append(f"train loss {result['loss']:.3f}")
+    if "eval_loss" in result:
+        parts.append(f"held-out loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})")
+    if result.get("tokens_per_second"):
+        parts.append(f"{result['tokens_per_second']:,.0f} tokens/s, MFU {hardware.format_mfu(result['mfu'])}")
+    return "\n".join([
+        "done     | " + " | ".join(parts),
+        f"next     | python -m gptjax.sample --workdir {workdir} --prompt \"The\"",
+        f"         | python -m gptjax.evaluate --workdir {workdir}",
+        f"         | python -m gptjax.plot --workdir {workdir}        (the loss curves, in {workdir}/loss.png)",
+        f"         | metrics: {os.path.join(workdir, 'metrics.jsonl')}, TensorBoard: tensorboard --logdir {workdir}",
+    ])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax reports every file it writes at INFO
-    with exit_on_user_error():
-        try:
-            result = train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
-        except KeyboardInterrupt:
-            sys.exit(130)
-        if jax.process_index() == 0:
-            print(json.dumps(result))
+def main():
+    workdir = flags.FLAGS.workdir
+    try:
+        result = train_and_evaluate(_CONFIG.value, workdir)
+    except RunInterrupted:
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C during a save, or one before training started
+        print(f"\nStopped at once: the last complete checkpoint in {checkpoints.checkpoint_dir(workdir)} (if any) is "
+              f"kept, and an unfinished token cache resumes; rerun the same command to go on", file=sys.stderr)
+        sys.exit(130)
+    if jax.process_index() == 0:
+        print(summary(result, workdir))
 
 
 if __name__ == "__main__":
     _CONFIG = define_config_flag("experiments/tiny.py")
     flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, logs, token cache.")
-    app.run(main)
+    cli.run(main)

@@ -202,8 +202,8 @@ def train_step(state: TrainState, batch_AxBxT1, *, model: GPT, optimizer: optax.
     grads = jax.tree_util.tree_map(lambda g: g / num_micro, grad_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    new_params_norm = optax.global_norm(new_state.params)
-    metrics = {"loss": losses_A.mean(), "grad_norm": optax.global_norm(grads),
+    new_params_norm = optax.tree.norm(new_state.params)
+    metrics = {"loss": losses_A.mean(), "grad_norm": optax.tree.norm(grads),
                "update_is_finite": jnp.isfinite(new_params_norm)}  # checked before anything is saved
     return new_state, metrics
 

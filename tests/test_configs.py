@@ -26,6 +26,8 @@ def test_seq_len_follows_max_len_unless_set():
     config = base_config()
     config.model.max_len = 128
     assert config.data.seq_len == 128
+    config.data.seq_len = 64  # a shorter training window keeps the model's context
+    assert config.model.max_len == 128 and config.data.seq_len == 64
 
 
 def test_unknown_key_is_a_clear_error():

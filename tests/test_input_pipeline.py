@@ -100,6 +100,37 @@ def test_windows_cover_the_stream_once_per_epoch(txt_cache):
     assert len(set(seen.tolist())) == len(seen) == (num_windows // batch_size) * batch_size
 
 
+def test_an_epochs_order_is_computed_once_not_once_per_batch(monkeypatch):
+    # A Wikipedia-sized index (20M windows at context 256), no corpus needed: the order of windows is O(windows) to
+    # compute, so computing it per batch would make every batch cost as much as the whole index.
+    num_windows, batch_size = 20_000_000, 128
+    computed = []
+
+    def counted(n, seed, epoch):  # stands in for the O(n) order, cheaply: only how often it is asked for matters
+        computed.append(epoch)
+        return np.arange(batch_size * 1000)[::-1]  # as much of an order as 1000 batches read
+
+    monkeypatch.setattr(ip, "shuffled_windows", counted)
+    ip._kept_permutation.cache_clear()
+    for step in range(1000):
+        ip.batch_window_ids(step, batch_size, num_windows, seed=0)
+    assert computed == [0]
+    ip._kept_permutation.cache_clear()
+
+
+def test_batches_straddling_an_epoch_keep_both_orders(txt_cache):
+    config, cache = txt_cache
+    num_windows = cache.stream("train").num_windows(32)
+    ip._kept_permutation.cache_clear()
+    first, second = ip.shuffled_windows(num_windows, 7, 0), ip.shuffled_windows(num_windows, 7, 1)
+    boundary_step = num_windows // 3  # batch size 3 x that step crosses into epoch 1 when num_windows % 3 != 0
+    ids = ip.batch_window_ids(boundary_step, 3, num_windows, seed=7)
+    positions = np.arange(boundary_step * 3, boundary_step * 3 + 3)
+    expected = [first[p] if p < num_windows else second[p - num_windows] for p in positions]
+    np.testing.assert_array_equal(ids, expected)
+    assert ip._kept_permutation.cache_info().currsize <= 2
+
+
 def take(iterator, n):
     batches = [next(iterator) for _ in range(n)]
     iterator.close()

@@ -116,6 +116,15 @@ def test_bad_sample_options_are_one_line_errors(trained_workdir, args, message):
     assert result.stderr.strip().splitlines()[-1].startswith("error: " + message)
 
 
+@pytest.mark.parametrize("module", ["gptjax.sample", "gptjax.evaluate"])
+def test_a_step_without_a_checkpoint_lists_the_steps_there_are(trained_workdir, module):
+    result = run_module(module, f"--workdir={trained_workdir}", "--step=5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: there is no checkpoint for --step 5 in {trained_workdir}/checkpoints; its steps are [6] (leave "
+        f"--step out for the latest)"]
+
+
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     for module in ("gptjax.sample", "gptjax.evaluate"):
         result = run_module(module, f"--workdir={tmp_path}")

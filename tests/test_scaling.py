@@ -44,3 +44,18 @@ def test_report_lands_near_the_seed_and_suggests_exact_shapes():
 def test_budget_from_device_hours(capsys):
     scaling.main(["--device_flops", "10e12", "--mfu", "0.5", "--hours", "2", "--json"])
     assert '"flops": 3.6e+16' in capsys.readouterr().out
+
+
+def test_projected_hours_of_an_experiment_by_hand(capsys):
+    from gptjax.configs import load_config_file
+    from gptjax.model import ModelConfig, flops_per_token
+
+    config = load_config_file("experiments/m1.py")
+    result = scaling.projection(config, device_flops=10.4e12, mfu=0.3)
+    per_token = flops_per_token(ModelConfig.from_config(config.model))
+    assert result["steps"] == int(1e17 // (per_token * 128 * 256))  # steps derived from the 1e17 budget
+    assert result["flops"] == pytest.approx(1e17, rel=1e-4)
+    assert result["hours"] == pytest.approx(1e17 / (10.4e12 * 0.3) / 3600, rel=1e-4)  # 8.9 hours, not 3
+    assert 40 < result["tokens_per_parameter"] < 45
+    scaling.main(["--config", "experiments/m1.py", "--device_flops", "10.4e12", "--mfu", "0.3"])
+    assert "at 30% MFU of 10.4 TFLOP/s: 26k tokens/s, 8.9 hours" in capsys.readouterr().out

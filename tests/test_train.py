@@ -154,6 +154,21 @@ def test_resume_gives_the_same_run(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_resume_onto_other_data_or_batches_is_refused_unless_accepted(tmp_path, capsys):
+    train_and_evaluate(small_config(steps=2), str(tmp_path), progress=False)
+    with pytest.raises(UserError, match=r"the checkpoint at step 2 was trained on other data or batches "
+                                        r"\(train.batch_size 4 there, 8 here; train.seed 0 there, 1 here\), so "
+                                        r"resuming would change which tokens come next; .*accept_data_change=true"):
+        train_and_evaluate(small_config(steps=4, batch_size=8, seed=1), str(tmp_path), progress=False)
+    other_text = small_config(steps=4)
+    other_text.data.eval_fraction = 0.1  # another split of the corpus: another token cache
+    with pytest.raises(UserError, match=r"token_cache '[0-9a-f]{16}' there, '[0-9a-f]{16}' here"):
+        train_and_evaluate(other_text, str(tmp_path), progress=False)
+    result = train_and_evaluate(small_config(steps=4, batch_size=8, accept_data_change=True), str(tmp_path),
+                                progress=False)
+    assert result["step"] == 4 and "as train.accept_data_change asks" in capsys.readouterr().out
+
+
 def run_train_command(workdir, *overrides, **popen):
     command = [sys.executable, "-m", "gptjax.train", "--config", "experiments/tiny.py", f"--workdir={workdir}",
                "--config.model.max_len=16", "--config.model.n_layer=2", "--config.model.n_head=2",

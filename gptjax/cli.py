@@ -1,0 +1,81 @@
+"""How every `python -m gptjax.<command>` starts, so that they all treat a mistake the same way.
+
+- `run(main)`: absl's `app.run`, except that a bad flag (`--step=abc`, an unknown flag, `--config.train.steps=abc`)
+  is one `error: ...` line and exit status 2 like every other user mistake (absl prints a FATAL block and exits 1),
+  `--help` shows the command's own flags, `--config` included, and exits 0, and a stray positional argument
+  (`train experiments/tiny.py`, a forgotten `--config`) is an error instead of being silently ignored.
+- `ArgumentParser`: argparse for the commands that use it (scaling, benchmarks), with the same one-line errors.
+"""
+
+import argparse
+import sys
+
+from absl import app, flags, logging
+
+from gptjax.errors import UserError, exit_on_user_error
+
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+LIST_KEYS_HINT = ("Every config key, with its value in an experiment and what it means:\n"
+                  "  python -m gptjax.configs --config experiments/tiny.py\n"
+                  "Override any of them as --config.<group>.<key>=<value>, e.g. --config.train.batch_size=64.")
+
+
+def command_help() -> str:
+    """The running command's docstring and its own flags (absl's --help hides flags defined in other modules, such
+    as --config, and exits 1)."""
+    main = sys.modules["__main__"]
+    lines = [(main.__doc__ or "").strip(), "", "flags:"]
+    for module, module_flags in sorted(flags.FLAGS.flags_by_module_dict().items()):
+        if module != sys.argv[0] and not module.startswith("gptjax"):  # absl's and libraries' own flags
+            continue
+        for flag in sorted(module_flags, key=lambda f: f.name):
+            default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+            lines.append(f"  --{flag.name}: {flag.help}{default}")
+    if "config" in flags.FLAGS:
+        lines += ["", LIST_KEYS_HINT]
+    return "\n".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with --help answered here and every flag error as one line (exit 2)."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(command_help())
+        sys.exit(0)
+    with exit_on_user_error():
+        try:
+            remaining = flags.FLAGS(argv)
+        except flags.Error as e:
+            message = " ".join(str(e).split())
+            raise UserError(f"{message}; see --help") from None
+        if len(remaining) > 1:
+            hint = (f"; did you mean --config {remaining[1]}?" if remaining[1].endswith(".py") and "config" in flags.FLAGS
+                    else "")
+            raise UserError(f"unexpected argument {remaining[1]!r}: options are passed as --name=value{hint}")
+    return remaining
+
+
+def run(main) -> None:
+    """Runs `main()` as the command: flags parsed by `parse_flags`, absl's INFO chatter (Orbax logs every file it
+    writes) turned off, and UserErrors raised by `main` reported as one line."""
+
+    def main_with_one_line_errors(argv):
+        del argv  # parse_flags has refused anything but flags
+        logging.set_verbosity(logging.ERROR)  # libraries' absl chatter (TFDS, Orbax); gptjax prints its own lines
+        with exit_on_user_error():
+            main()
+
+    app.run(main_with_one_line_errors, flags_parser=parse_flags)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (a missing or ill-typed option) are one `error: ...` line and exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message}; see --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def require(ok: bool, message: str) -> None:
+    """Raises a UserError with `message` unless `ok`: one line per checked option in the commands' mains."""
+    if not ok:
+        raise UserError(message)

@@ -1,0 +1,214 @@
+"""The bad-input catalogue: every command, given a mistake a user makes, ends in exactly one `error: ...` line on
+stderr that names the problem and the fix, exits with status 2, and leaves the user's files as they were."""
+
+import os
+import socket
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from gptjax import hardware, input_pipeline
+from gptjax.configs import base_config, describe_keys, key_comments, load_config_file, validate
+from gptjax.errors import UserError
+from gptjax.train import save_on_interrupt, summary, train_and_evaluate
+from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
+
+TINY = os.path.join(REPO_ROOT, "experiments/tiny.py")
+
+COMMAND_LINE_CASES = [
+    # Non-positive or ill-typed numbers, for every kind of key: sizes, steps, intervals, fractions.
+    ("gptjax.train", ["--config.train.batch_size=0"],
+     "train.batch_size=0 is out of range: it must be an integer >= 1"),
+    ("gptjax.train", ["--config.train.steps=-5"], "train.steps=-5 is out of range: it must be an integer >= 0"),
+    ("gptjax.train", ["--config.train.eval_every=-1"], "train.eval_every=-1 is out of range"),
+    ("gptjax.train", ["--config.train.checkpoint_every=0"], "train.checkpoint_every=0 is out of range"),
+    ("gptjax.train", ["--config.train.learning_rate=-0.1"], "train.learning_rate=-0.1 is out of range: it must be a "
+                                                           "number > 0"),
+    ("gptjax.train", ["--config.train.batch_size=abc"], "flag --config.train.batch_size=abc: invalid literal"),
+    ("gptjax.prepare", ["--config.data.eval_fraction=1.5"], "data.eval_fraction=1.5 is out of range: it must be a "
+                                                            "number in [0, 1)"),
+    ("gptjax.prepare", ["--config.data.seq_len=0"], "data.seq_len=0 is out of range"),
+    ("gptjax.sample", ["--num_samples=abc"], "flag --num_samples=abc"),
+    ("gptjax.evaluate", ["--batch_size=0"], "--batch_size=0 must be >= 1"),
+    ("gptjax.evaluate", ["--max_batches=-1"], "--max_batches=-1 must be >= 0"),
+    ("gptjax.scaling", ["--flops", "-1"], "--flops=-1.0 must be a positive number"),
+    ("gptjax.scaling", ["--flops", "1e17", "--mfu", "2"], "--mfu=2.0 must be in (0, 1]"),
+    ("gptjax.scaling", ["--flops", "lots"], "argument --flops: invalid float value: 'lots'"),
+    ("benchmarks.run", ["--config", TINY, "--batch_size", "0"], "--batch_size=0 must be >= 1"),
+    ("benchmarks.input_pipeline", ["--steps", "0"], "--steps=0 must be >= 1"),
+    # Arguments in the wrong form or place.
+    ("gptjax.train", ["experiments/tiny.py"],
+     "unexpected argument 'experiments/tiny.py': options are passed as --name=value; did you mean --config"),
+    ("gptjax.train", ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+    ("gptjax.train", ["--config.data.path=my_corpus.txt"],
+     "data.path='my_corpus.txt' is set but data.source='python_docs' does not read it; add "
+     "--config.data.source=text"),
+    ("gptjax.configs", ["--config", "experiments/nope.py"], "config file 'experiments/nope.py' does not exist"),
+    ("gptjax.plot", ["--workdir=/no/such/run"], "--workdir '/no/such/run' does not exist"),
+    ("gptjax.convert", ["--hf=/no/such/dir", "--workdir=/tmp/unused"], "--hf '/no/such/dir' is not a directory"),
+]
+
+
+def assert_one_error_line(result, expected: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: " + expected), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("module, args, expected", COMMAND_LINE_CASES,
+                         ids=[f"{m}-{' '.join(a)}" for m, a, _ in COMMAND_LINE_CASES])
+def test_command_line_mistakes_are_one_line(module, args, expected):
+    assert_one_error_line(run_module(module, *args, timeout=120), expected)
+
+
+@pytest.mark.parametrize("module, args", [
+    ("gptjax.train", []), ("gptjax.prepare", []), ("gptjax.sample", []), ("gptjax.evaluate", []),
+    ("gptjax.plot", []), ("gptjax.convert", ["--hf=experiments"]),
+])
+def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path, module, args):
+    path = tmp_path / "notes.txt"
+    path.write_text("my notes")
+    assert_one_error_line(run_module(module, f"--workdir={path}", *args, timeout=120),
+                          f"--workdir '{path}' is a file, not a directory")
+    assert path.read_text() == "my notes"
+
+
+def test_help_exits_0_and_shows_config_and_how_to_list_the_keys():
+    result = run_module("gptjax.train", "--help", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--config:" in result.stdout and "--workdir:" in result.stdout
+    assert "python -m gptjax.configs --config experiments/tiny.py" in result.stdout
+    listing = run_module("gptjax.configs", "--config", "experiments/m1.py", timeout=120)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert "train.flop_budget = 1e+17\n    # Training compute budget in FLOPs" in listing.stdout
+
+
+def test_every_key_is_listed_with_its_comment():
+    config = load_config_file(TINY)
+    comments = key_comments()
+    for group in ("model", "data", "train"):
+        for name in config[group]:
+            assert comments[f"{group}.{name}"], f"{group}.{name} has no comment"
+    assert "model.n_layer = 2\n    # Number of transformer blocks." in describe_keys(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.process_id", 2, "train.process_id=2 must be below train.num_processes=1"),
+    ("train.steps", 0, "train.steps is 0, which derives the steps from train.flop_budget, but that is not set"),
+    ("data.seq_len", 300, "data.seq_len=300 is longer than the context model.max_len=256"),
+    ("data.txt_documents", "lines", r"data.txt_documents='lines' is not one of \('file', 'blank_lines'\)"),
+    ("model.dropout", 1.0, r"model.dropout=1.0 is out of range: it must be a number in \[0, 1\)"),
+    ("train.b2", float("nan"), "train.b2=nan is out of range"),
+])
+def test_config_values_are_checked_before_any_work(key, value, message):
+    config = base_config()
+    group, name = key.split(".")
+    config[group][name] = value
+    with pytest.raises(UserError, match=message):
+        validate(config)
+
+
+def test_a_single_text_file_is_refused_before_the_first_step_with_fixes_that_work(tmp_path):
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("\n\n".join(open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read().split("\n\n")))
+    config = small_config(steps=2, eval_every=2)
+    config.data.update(dict(source="text", path=str(corpus)))
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"the validation split has 0 tokens.*data.txt_documents=blank_lines.*"
+                                        r"data.eval_fraction=0"):
+        train_and_evaluate(config, str(workdir), progress=False)
+    assert not (workdir / "metrics.jsonl").exists() and not (workdir / "checkpoints").exists()
+    # Each fix the message names works.
+    for fix in (dict(txt_documents="blank_lines", eval_fraction=0.5), dict(eval_fraction=0.0)):
+        fixed = small_config(steps=2, eval_every=2)
+        fixed.data.update(dict(source="text", path=str(corpus), **fix))
+        result = train_and_evaluate(fixed, str(tmp_path / str(len(fix))), progress=False)
+        assert result["step"] == 2 and ("eval_loss" in result) == (fix["eval_fraction"] > 0)
+
+
+def test_a_finished_run_says_so_and_how_to_extend_it(tmp_path, capsys):
+    train_and_evaluate(small_config(steps=2), str(tmp_path), progress=False)
+    capsys.readouterr()
+    result = train_and_evaluate(small_config(steps=2), str(tmp_path), progress=False)
+    assert "already at step 2 of 2: nothing to do. To train longer, raise --config.train.steps" in \
+        capsys.readouterr().out
+    assert result["step"] == 2 and result["loss"] == read_metrics(str(tmp_path))[-1]["loss"]
+    text = summary(result, str(tmp_path))
+    assert text.startswith("done     | step 2 of 2 | train loss ")
+    assert f"python -m gptjax.sample --workdir {tmp_path}" in text and "gptjax.plot" in text
+
+
+def test_an_interrupt_after_a_save_says_which_checkpoint_a_rerun_resumes(tmp_path, capsys):
+    from gptjax import checkpoints
+    from gptjax import train_step as steps_lib
+    from gptjax.model import ModelConfig
+
+    train_and_evaluate(small_config(steps=2), str(tmp_path), progress=False)
+    config = small_config(steps=2)
+    optimizer = steps_lib.make_optimizer(config.train, 2)
+    state = steps_lib.create_train_state(ModelConfig.from_config(config.model), optimizer, seed=0)
+    manager = checkpoints.make_manager(str(tmp_path))
+    state = state.replace(step=jax.numpy.asarray(2, jax.numpy.int32))
+    save_on_interrupt(state, 0, manager, save=None, last={}, workdir=str(tmp_path), is_chief=True)
+    assert (f"Interrupted at step 2: the latest checkpoint is step 2 in {checkpoints.checkpoint_dir(str(tmp_path))}; "
+            f"rerun the same command to resume") in capsys.readouterr().err
+
+
+def test_an_offline_tfds_download_fails_fast_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a local port nobody listens on: refused at once, like an offline machine
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    monkeypatch.setattr(input_pipeline, "TFDS_DOWNLOAD_HOST", ("127.0.0.1", closed_port))
+    config = base_config()
+    config.data.update(dict(source="tfds", name="wikipedia/20230601.en", data_dir=str(tmp_path / "tfds")))
+    with pytest.raises(UserError, match=r"TFDS dataset 'wikipedia/20230601.en' is not prepared in .* and cannot be "
+                                        r"downloaded: 127.0.0.1 is unreachable"):
+        input_pipeline.prepare(config, str(tmp_path / "work"), progress=False)
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_mfu_above_one_says_the_peak_was_measured_low():
+    assert hardware.format_mfu(0.42) == "42.0%"
+    assert hardware.format_mfu(1.17) == "117.0% (over 100%: the measured peak was low; set train.peak_flops)"
+    best = hardware.peak_from_seconds({100: 2e-3, 200: 1e-3})
+    assert best == 2 * 200**3 / 1e-3  # the best size wins
+    assert hardware.measure_matmul_flops(sizes=(64, 128), repeats=2) > 0
+
+
+def test_the_train_step_uses_no_deprecated_optax_spelling():
+    from gptjax import train_step as steps_lib
+    from gptjax.model import ModelConfig
+
+    config = small_config()
+    model_config = ModelConfig.from_config(config.model)
+    optimizer = steps_lib.make_optimizer(config.train, 10)
+    state = steps_lib.create_train_state(model_config, optimizer, seed=0)
+    mesh = steps_lib.data_mesh(jax.devices()[:1])
+    step = steps_lib.make_train_step(model_config, optimizer, mesh, steps_lib.replicated_sharding(state, mesh), 0,
+                                     donate=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(state, np.zeros((1, 2, 17), np.int32))
+    assert not [w for w in caught if "optax" in str(w.message)], [str(w.message) for w in caught]
+
+
+HIDE_TORCH = """
+import importlib.util, runpy, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "torch" else find_spec(name, *a)  # as without PyTorch
+sys.argv = ["prepare", "--config", "experiments/tiny.py", "--workdir", sys.argv[1]]
+runpy.run_module("gptjax.prepare", run_name="__main__")
+"""
+
+
+def test_a_run_prints_no_library_noise(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", HIDE_TORCH, str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("oneDNN", "InitializeLog", "PyTorch was not found", "Traceback"):
+        assert noise not in result.stderr, result.stderr[-3000:]
