@@ -60,14 +60,23 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def check_compatible(meta: dict, model_config: dict, workdir: str) -> None:
-    """The checkpoint's model config must equal this run's: name every key that differs."""
+# Model keys that may differ between a checkpoint and the run that loads it: they change how the same parameters are
+# computed with (compute dtype, dropout, attention kernel), not the parameters' shapes or what they mean. So a float32
+# Mac checkpoint resumes in bfloat16 on a GPU, and a converted GPT-2 fine-tunes with dropout.
+FREE_MODEL_KEYS = ("dtype", "dropout", "attention")
+
+
+def check_compatible(meta: dict, model_config: dict, workdir: str) -> list[str]:
+    """Refuses a checkpoint whose parameters have other shapes or meaning than this run's model, naming every key
+    that differs; returns the differences in FREE_MODEL_KEYS, which are allowed."""
     saved = meta["config"]["model"]
-    differences = [f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in sorted(model_config.items())
-                   if saved.get(k) != v]
-    if differences:
+    differences = {k: f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in sorted(model_config.items())
+                   if saved.get(k) != v}
+    refused = [text for key, text in differences.items() if key not in FREE_MODEL_KEYS]
+    if refused:
         raise UserError(f"the checkpoint in {checkpoint_dir(workdir)} is from another model shape "
-                        f"({'; '.join(differences)}); use its config or a fresh --workdir")
+                        f"({'; '.join(refused)}); use its config or a fresh --workdir")
+    return [text for key, text in differences.items() if key in FREE_MODEL_KEYS]
 
 
 def usable_steps(manager: ocp.CheckpointManager) -> list[int]:

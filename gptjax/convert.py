@@ -1,8 +1,11 @@
-"""`python -m gptjax.convert --hf DIR --workdir OUT`: a Hugging Face GPT-2 checkpoint as a gptjax checkpoint.
+"""`python -m gptjax.convert --hf DIR --workdir OUT`: a Hugging Face GPT-2 checkpoint as a gptjax checkpoint, and
+`python -m gptjax.convert --workdir RUN --to_hf DIR`: a gptjax run back as a Hugging Face GPT-2 directory.
 
 DIR is what `GPT2LMHeadModel.save_pretrained` writes: config.json plus model.safetensors (or pytorch_model.bin,
 which needs PyTorch). The result is an ordinary gptjax workdir at step 0: `gptjax.sample` and `gptjax.evaluate`
-read it, and `gptjax.train --config.train.init_from=OUT` fine-tunes from it.
+read it, and `gptjax.train --config.train.init_from=OUT` fine-tunes from it. Export writes the latest checkpoint
+(or --step) of a run with GPT-2's layout (learned positions, GELU, biases, tied output) so that
+`GPT2LMHeadModel.from_pretrained(DIR)` loads it; other layouts (sinusoidal or rotary positions, ReLU) are refused.
 
 GPT-2 stores its linear layers as Conv1D with weights [in, out], which is exactly a Flax Dense kernel, so every tensor
 maps over unchanged; only the embedding is padded from 50257 to 50304 rows (the padding is never predicted).
@@ -11,6 +14,7 @@ maps over unchanged; only the embedding is padded from 50257 to 50304 rows (the 
 import json
 import os
 
+import jax
 import numpy as np
 from absl import flags
 
@@ -19,6 +23,7 @@ from gptjax import train_step as steps_lib
 from gptjax.configs import base_config
 from gptjax.errors import UserError, check_workdir
 from gptjax.model import ModelConfig, count_params
+from gptjax.tokenizer import END_OF_TEXT_ID
 
 
 def gpt2_model_config(hf_config: dict) -> dict:
@@ -81,8 +86,6 @@ def gpt2_params(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
 
 def convert(hf_dir: str, workdir: str) -> dict:
     """Writes the converted checkpoint (step 0) to `workdir`; returns a summary."""
-    import jax
-
     if not os.path.isdir(hf_dir):
         raise UserError(f"--hf {hf_dir!r} is not a directory; pass the directory that save_pretrained wrote")
     check_workdir(workdir)
@@ -117,11 +120,62 @@ def convert(hf_dir: str, workdir: str) -> dict:
     return {"workdir": os.path.abspath(workdir), "params": count_params(params), "model": config.model.to_dict()}
 
 
+# What a gptjax model must be for GPT-2 (and so Hugging Face's GPT2LMHeadModel) to express it.
+GPT2_LAYOUT = {"pos_embedding": "learned", "activation": "gelu", "use_bias": True, "tie_embeddings": True}
+
+
+def hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """GPT-2's tensors from the gptjax parameter tree: `gpt2_params` read backwards (the output layer is tied)."""
+    tensors = {"wte.weight": params["token_embedding"]["embedding"][: cfg.vocab_size],
+               "wpe.weight": params["position_embedding"]["embedding"],
+               "ln_f.weight": params["ln_f"]["scale"], "ln_f.bias": params["ln_f"]["bias"]}
+    for i in range(cfg.n_layer):
+        block, h = params[f"blocks_{i}"], f"h.{i}."
+        for hf_name, (module, layer) in {"attn.c_attn": ("attn", "qkv"), "attn.c_proj": ("attn", "proj"),
+                                         "mlp.c_fc": ("mlp", "fc"), "mlp.c_proj": ("mlp", "proj")}.items():
+            tensors[h + hf_name + ".weight"] = block[module][layer]["kernel"]
+            tensors[h + hf_name + ".bias"] = block[module][layer]["bias"]
+        for norm in ("ln_1", "ln_2"):
+            tensors[h + norm + ".weight"] = block[norm]["scale"]
+            tensors[h + norm + ".bias"] = block[norm]["bias"]
+    return {"transformer." + name: np.ascontiguousarray(value, np.float32) for name, value in tensors.items()}
+
+
+def export_to_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
+    """Writes the run's checkpoint as config.json + model.safetensors for GPT2LMHeadModel.from_pretrained."""
+    from safetensors.numpy import save_file
+
+    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+        raise UserError(f"--to_hf {hf_dir!r} exists and is not an empty directory; pass a new directory")
+    params, cfg, meta = checkpoints.load_for_inference(workdir, step)
+    other = [f"model.{key}={getattr(cfg, key)!r}" for key, value in GPT2_LAYOUT.items() if getattr(cfg, key) != value]
+    if other:
+        raise UserError(f"GPT-2 cannot express this model ({', '.join(other)}); only runs with learned positions, "
+                        f"GELU, biases and a tied output layer export to Hugging Face")
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                 "n_positions": cfg.max_len, "n_ctx": cfg.max_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer,
+                 "n_head": cfg.n_head, "n_inner": cfg.d_ff, "activation_function": "gelu_new",
+                 "layer_norm_epsilon": cfg.layer_norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+                 "attn_pdrop": 0.0, "tie_word_embeddings": True, "bos_token_id": END_OF_TEXT_ID,
+                 "eos_token_id": END_OF_TEXT_ID}
+    os.makedirs(hf_dir, exist_ok=True)
+    save_file(hf_state_dict(jax.device_get(params), cfg), os.path.join(hf_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=1)
+    return {"hf_dir": os.path.abspath(hf_dir), "step": meta["step"], "params": count_params(params)}
+
+
 def main():
-    print(json.dumps(convert(flags.FLAGS.hf, flags.FLAGS.workdir)))
+    hf, to_hf, workdir = flags.FLAGS.hf, flags.FLAGS.to_hf, flags.FLAGS.workdir
+    cli.require((hf is None) != (to_hf is None), "pass either --hf DIR (Hugging Face -> gptjax) or --to_hf DIR "
+                                                 "(gptjax -> Hugging Face), with --workdir")
+    print(json.dumps(convert(hf, workdir) if hf else export_to_hf(workdir, to_hf, flags.FLAGS.step)))
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("hf", None, "Hugging Face GPT-2 directory (config.json + model.safetensors).", required=True)
-    flags.DEFINE_string("workdir", None, "Where to write the gptjax checkpoint.", required=True)
+    flags.DEFINE_string("hf", None, "Hugging Face GPT-2 directory (config.json + model.safetensors) to import.")
+    flags.DEFINE_string("to_hf", None, "Or: a new directory to export --workdir's checkpoint to, for Hugging Face.")
+    flags.DEFINE_string("workdir", None, "The gptjax run: where --hf writes, or what --to_hf reads.", required=True)
+    flags.DEFINE_integer("step", None, "With --to_hf: the checkpoint step to export (default: the latest).")
     cli.run(main)

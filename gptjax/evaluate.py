@@ -2,11 +2,19 @@
 
 By default it reads the run's own held-out split with the same batches as the evaluation during training, so the
 number equals the logged eval_loss; `--max_batches 0` uses the whole split, and `--source/--path/--name` measure
-any corpus the input pipeline reads. Prints a final JSON line.
+any corpus the input pipeline reads. Prints a final JSON line. Two standard measures on top:
+
+- `--words`: word-level perplexity, exp(total NLL / words), for word-tokenized sets such as WikiText (the GPT-2
+  paper's convention), with the words counted as the whitespace-separated pieces of the evaluated text. gptjax
+  evaluates non-overlapping windows (each token sees only its window's tokens before it), so expect numbers above
+  a sliding-window evaluation's.
+- `--lambada FILE.jsonl`: last-word accuracy (Paperno et al. 2016): from each record's text (data.text_field), predict
+  its last word from the rest; a hit is the greedy prediction of every token of that word.
 """
 
 import json
 import math
+import os
 
 import jax
 import ml_collections
@@ -16,6 +24,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from gptjax import cli, input_pipeline
+from gptjax.model import GPT, ModelConfig
 from gptjax import train_step as steps_lib
 from gptjax.checkpoints import load_for_inference
 from gptjax.errors import UserError
@@ -51,6 +60,56 @@ def evaluate_loss(params, eval_step, stream, seq_len: int, batch_size: int, max_
     return results
 
 
+def count_words(tokenizer, tokens: np.ndarray) -> int:
+    """Whitespace-separated words in the text of `tokens` (end-of-text separators are not words)."""
+    return len(tokenizer.decode(tokens[tokens != tokenizer.eos_token_id]).split())
+
+
+def read_last_word_examples(path: str, text_field: str) -> list[str]:
+    """The texts of a LAMBADA-style jsonl file; each needs a last word and something before it."""
+    if not os.path.isfile(path):
+        raise UserError(f"--lambada {path!r} is not a file; pass a .jsonl file with a {text_field!r} field per line")
+    texts = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{path} line {number}"
+                text = input_pipeline.field_of(json.loads(input_pipeline.decode_utf8(line, where, "strict")),
+                                               text_field, where).strip()
+                if len(text.split()) < 2:
+                    raise UserError(f"{where} has fewer than two words; each example needs a context and a last word")
+                texts.append(text)
+    if not texts:
+        raise UserError(f"--lambada {path!r} has no examples")
+    return texts
+
+
+def last_word_accuracy(params, model_config: ModelConfig, tokenizer, texts: list[str], batch_size: int = 16) -> dict:
+    """LAMBADA's measure: the share of texts whose last word the model predicts greedily, token by token, from the
+    text before it (the GPT-2 paper's protocol, without its stop-word filter). Texts longer than the context keep
+    their end."""
+    max_len = model_config.max_len
+    rows, word_lengths = [], []
+    for text in texts:
+        context, _, word = text.rpartition(" ")
+        ids = tokenizer.encode(context) + tokenizer.encode(" " + word)
+        rows.append(ids[-max_len:])
+        word_lengths.append(len(tokenizer.encode(" " + word)))
+    model = GPT(model_config)
+    greedy = jax.jit(lambda p, tokens_BxT: model.apply({"params": p}, tokens_BxT).argmax(axis=-1))
+    hits = 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start: start + batch_size]
+        tokens_BxT = np.zeros((batch_size, max_len), np.int32)  # right padding: a causal model never sees it
+        for i, ids in enumerate(batch):
+            tokens_BxT[i, : len(ids)] = ids
+        predicted_BxT = np.asarray(greedy(params, tokens_BxT))  # position t predicts token t + 1
+        for i, ids in enumerate(batch):
+            n = word_lengths[start + i]
+            hits += bool((predicted_BxT[i, len(ids) - n - 1: len(ids) - 1] == ids[len(ids) - n:]).all())
+    return {"lambada_accuracy": hits / len(rows), "lambada_examples": len(rows)}
+
+
 def token_byte_lengths(tokenizer_name: str, vocab_size: int) -> np.ndarray:
     """UTF-8 length of every token id (end-of-text counts 0 bytes: it separates documents, it is not text)."""
     from gptjax.tokenizer import END_OF_TEXT_ID, load_bulk_encoder, load_tokenizer
@@ -80,6 +139,9 @@ def define_flags():
     flags.DEFINE_string("source", None, "Evaluate another corpus: data.source ('text', 'tfds', 'hf', 'python_docs').")
     flags.DEFINE_string("path", None, "data.path for --source text (a path or glob).")
     flags.DEFINE_string("name", None, "data.name for --source tfds / hf.")
+    flags.DEFINE_boolean("words", False, "Also report word-level perplexity (total NLL over whitespace-separated "
+                         "words), for word-tokenized sets such as WikiText.")
+    flags.DEFINE_string("lambada", None, "A .jsonl file of texts (data.text_field): report last-word accuracy instead.")
 
 
 FLAGS = flags.FLAGS
@@ -92,6 +154,13 @@ def main():
                 f"--max_batches={FLAGS.max_batches} must be >= 0 (0 = the whole split)")
     params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
     config = ml_collections.ConfigDict(meta["config"])
+    if FLAGS.lambada:
+        from gptjax.tokenizer import load_tokenizer
+
+        texts = read_last_word_examples(FLAGS.lambada, config.data.text_field)
+        results = last_word_accuracy(params, model_config, load_tokenizer(config.data.tokenizer), texts)
+        print(json.dumps({"step": meta["step"], "lambada": FLAGS.lambada, **results}))
+        return
     for key in ("source", "path", "name"):
         if getattr(FLAGS, key) is not None:
             config.data[key] = getattr(FLAGS, key)
@@ -104,10 +173,17 @@ def main():
         raise UserError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices")
     params_sharding = steps_lib.replicated_sharding(params, mesh)
     eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding)
-    results = evaluate_loss(params, eval_step, cache.stream(FLAGS.split), config.data.seq_len, batch_size,
+    stream = cache.stream(FLAGS.split)
+    results = evaluate_loss(params, eval_step, stream, config.data.seq_len, batch_size,
                             max_batches, mesh, token_byte_lengths(config.data.tokenizer,
                                                                   model_config.padded_vocab_size),
                             progress=True)
+    if FLAGS.words:  # the evaluated windows' targets are the tokens 1 .. eval_tokens of the stream, in order
+        from gptjax.tokenizer import load_tokenizer
+
+        words = count_words(load_tokenizer(config.data.tokenizer), stream.read(1, results["eval_tokens"]))
+        total_nll = results["eval_loss"] * results["eval_tokens"]
+        results.update({"eval_words": words, "eval_word_perplexity": math.exp(min(total_nll / max(1, words), 50.0))})
     print(json.dumps({"step": meta["step"], "split": FLAGS.split, "source": config.data.source, **results}))
 
 

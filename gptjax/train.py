@@ -233,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
                     out_shardings=state_sharding)()
     manager = checkpoints.make_manager(workdir, keep=train.keep_checkpoints, async_save=train.async_checkpoints)
     restored = checkpoints.restore_latest(manager, workdir, config.model.to_dict(), state.params, state.opt_state)
-    last = {}
+    last, changed = {}, []  # the last logged metrics; model keys that differ from the checkpoint's, allowed
     if restored is not None:
         params, opt_state, meta = restored
         # The step as the same int32 array a fresh state has, so the first resumed step reuses the compiled step.
@@ -241,11 +241,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
         state = state.replace(step=step, params=params, opt_state=opt_state)
         last = meta.get("metrics") or {}
         check_same_data(meta, data_fingerprint(config, cache), train.accept_data_change)
+        changed = checkpoints.check_compatible(meta, config.model.to_dict(), workdir)
         checkpoints.set_aside_newer(manager, workdir, meta["step"])  # damaged ones we are about to overwrite
     elif train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
         params, _, meta = checkpoints.load_for_inference(train.init_from)
-        checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)
+        changed = checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)
         state = state.replace(params=jax.device_put(params, state_sharding.params))
+    if changed and is_chief:
+        print(f"note     | the checkpoint's parameters are used with {'; '.join(changed)} (these may change)")
     start_step = int(state.step)
     end_step = min(total_steps, train.stop_at_step) if train.stop_at_step > 0 else total_steps
     if start_step >= end_step:

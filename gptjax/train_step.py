@@ -1,8 +1,9 @@
 """The pure pieces of training: optimizer, loss, `train_step`, `eval_step`, and data-parallel compilation.
 
 Nothing here touches files or the clock. `make_train_step` returns `train_step(state, batch) -> (state, metrics)`,
-compiled once; on several devices the same function runs data-parallel: the batch is split over a 1-D device mesh
-('data') and XLA inserts the gradient all-reduce (the modern spelling of pmap + pmean).
+compiled once; on several devices it runs data-parallel: the batch is split over a 1-D device mesh ('data'), each
+device computes gradients on its rows (`shard_map`, the modern spelling of pmap) and one `pmean` averages them,
+once per step. Parameters and optimizer state are replicated.
 """
 
 import functools
@@ -17,6 +18,20 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptjax.model import GPT, ModelConfig
+
+# shard_map moved into jax proper (and renamed its replication check) after 0.5, the Apple stack's version. The check
+# is off in both: it would want the accumulation carry marked device-varying (jax.lax.pvary, which 0.5 lacks), and
+# the outputs are replicated by construction (they come out of a pmean).
+try:
+    from jax import shard_map as _shard_map
+
+    def shard_map(f, mesh, in_specs, out_specs):
+        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+except ImportError:  # jax 0.5, the Apple stack
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+    def shard_map(f, mesh, in_specs, out_specs):
+        return _shard_map(f, mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 
@@ -181,29 +196,51 @@ def _fused_output_loss_bwd(vocab_size, chunk, residuals, g):
 fused_output_loss.defvjp(_fused_output_loss_fwd, _fused_output_loss_bwd)
 
 
-def train_step(state: TrainState, batch_AxBxT1, *, model: GPT, optimizer: optax.GradientTransformation, dropout_rng,
-               use_dropout: bool, loss_chunk: int = 0):
-    """One optimizer step on A micro-batches of B sequences: gradients are averaged over the micro-batches.
+def mean_gradients(params, batch_AxBxT1, step_rng, *, model: GPT, use_dropout: bool, loss_chunk: int = 0):
+    """(gradients, loss) of the mean next-token loss over A micro-batches of B sequences.
 
     Accumulating with `lax.scan` means memory holds one micro-batch's activations at a time, and k micro-batches
-    give the same update as one batch k times larger.
+    give the same gradient as one batch k times larger.
     """
-    step_rng = jax.random.fold_in(dropout_rng, state.step)  # nothing random has to be saved in checkpoints
 
     def accumulate(grad_sum, micro):
         index, micro_batch_BxT1 = micro
         rng = jax.random.fold_in(step_rng, index) if use_dropout else None
-        loss, grads = jax.value_and_grad(next_token_loss)(state.params, micro_batch_BxT1, model, rng, loss_chunk)
+        loss, grads = jax.value_and_grad(next_token_loss)(params, micro_batch_BxT1, model, rng, loss_chunk)
         return jax.tree_util.tree_map(jnp.add, grad_sum, grads), loss
 
     num_micro = batch_AxBxT1.shape[0]
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     grad_sum, losses_A = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), batch_AxBxT1))
-    grads = jax.tree_util.tree_map(lambda g: g / num_micro, grad_sum)
+    return jax.tree_util.tree_map(lambda g: g / num_micro, grad_sum), losses_A.mean()
+
+
+def data_parallel(gradients, mesh: Mesh):
+    """`gradients(params, batch, rng)` run by every device on its own rows of the batch, then averaged over the
+    devices with one `pmean`: data parallelism with its all-reduce written out.
+
+    Each device accumulates its micro-batches locally, so the gradients cross devices once per step. (Under plain
+    jit with the batch sharded, XLA placed that all-reduce inside the accumulation loop: once per micro-batch.)
+    """
+
+    def per_device(params, batch_AxbxT1, step_rng):  # b = B / devices rows of each micro-batch
+        device_rng = jax.random.fold_in(step_rng, jax.lax.axis_index("data"))  # each device its own dropout masks
+        grads, loss = gradients(params, batch_AxbxT1, device_rng)
+        return jax.lax.pmean((grads, loss), "data")
+
+    return shard_map(per_device, mesh, in_specs=(PartitionSpec(), PartitionSpec(None, "data"), PartitionSpec()),
+                     out_specs=(PartitionSpec(), PartitionSpec()))
+
+
+def train_step(state: TrainState, batch_AxBxT1, *, gradients, optimizer: optax.GradientTransformation, dropout_rng):
+    """One optimizer step on A micro-batches of B sequences, with `gradients(params, batch, rng) -> (grads, loss)`
+    (`mean_gradients`, data-parallel over the devices)."""
+    step_rng = jax.random.fold_in(dropout_rng, state.step)  # nothing random has to be saved in checkpoints
+    grads, loss = gradients(state.params, batch_AxBxT1, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     new_params_norm = optax.tree.norm(new_state.params)
-    metrics = {"loss": losses_A.mean(), "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "update_is_finite": jnp.isfinite(new_params_norm)}  # checked before anything is saved
     return new_state, metrics
 
@@ -234,9 +271,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, state_sharding,
                     seed: int, donate: bool, loss_chunk: int = 0):
     """`train_step(state, batch [A, B, T+1]) -> (state, metrics)`, jitted with the batch split over `mesh`."""
-    model = GPT(model_config)
-    step = functools.partial(train_step, model=model, optimizer=optimizer, dropout_rng=jax.random.PRNGKey(seed + 1),
-                             use_dropout=model_config.dropout > 0, loss_chunk=loss_chunk)
+    gradients = functools.partial(mean_gradients, model=GPT(model_config), use_dropout=model_config.dropout > 0,
+                                  loss_chunk=loss_chunk)
+    step = functools.partial(train_step, gradients=data_parallel(gradients, mesh), optimizer=optimizer,
+                             dropout_rng=jax.random.PRNGKey(seed + 1))
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,) if donate else ())

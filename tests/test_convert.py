@@ -77,3 +77,55 @@ def test_sample_and_fine_tune_from_a_converted_checkpoint(hf_gpt2, tmp_path):
         with open(tmp_path / "empty" / "config.json", "w") as f:
             f.write("{}")
         convert(str(tmp_path / "empty"), str(tmp_path / "w"))
+
+
+def test_the_readme_fine_tuning_recipe_runs_end_to_end(hf_gpt2, tmp_path):
+    # README: convert, then gptjax.train --config experiments/gpt2_small.py --config.train.init_from=... . That
+    # config computes in bfloat16 and this run adds dropout, while the converted checkpoint is float32 without:
+    # neither changes the parameters, so both are allowed and said in one line.
+    _, directory = hf_gpt2
+    converted, finetuned = str(tmp_path / "converted"), str(tmp_path / "finetuned")
+    assert run_module("gptjax.convert", f"--hf={directory}", f"--workdir={converted}").returncode == 0
+    shape = ["--config.model.max_len=32", "--config.model.n_layer=2", "--config.model.n_head=4",
+             "--config.model.d_model=64", "--config.model.d_ff=256"]  # the small GPT-2 above
+    result = run_module("gptjax.train", "--config", "experiments/gpt2_small.py", f"--workdir={finetuned}",
+                        f"--config.train.init_from={converted}", "--config.train.steps=2",
+                        "--config.train.learning_rate=6e-5", "--config.model.dropout=0.1", *shape,
+                        "--config.data.source=python_docs", "--config.train.batch_size=4",
+                        "--config.train.grad_accum_steps=1", "--config.train.eval_every=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("note     | the checkpoint's parameters are used with model.dropout=0.0 there, 0.1 here; "
+            "model.dtype='float32' there, 'bfloat16' here (these may change)") in result.stdout
+    sample = run_module("gptjax.sample", f"--workdir={finetuned}", "--prompt=The", "--max_new_tokens=5")
+    assert sample.returncode == 0 and sample.stdout.startswith("The"), sample.stderr[-2000:]
+    shape_change = run_module("gptjax.train", "--config", "experiments/gpt2_small.py", f"--workdir={tmp_path / 'x'}",
+                              f"--config.train.init_from={converted}", *shape[:-1], "--config.model.d_ff=128",
+                              "--config.data.source=python_docs", "--config.train.eval_every=0")
+    assert shape_change.returncode == 2
+    assert "another model shape (model.d_ff=256 there, 128 here)" in shape_change.stderr
+
+
+def test_export_to_hugging_face_round_trips_with_equal_logits(hf_gpt2, tmp_path):
+    model, directory = hf_gpt2
+    converted, exported = str(tmp_path / "converted"), str(tmp_path / "exported")
+    convert(directory, converted)
+    result = run_module("gptjax.convert", f"--workdir={converted}", f"--to_hf={exported}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
+    tokens = torch.tensor(np.random.default_rng(1).integers(0, 50257, size=(2, 32)))
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=1e-5)
+    again = run_module("gptjax.convert", f"--workdir={converted}", f"--to_hf={exported}")
+    assert again.returncode == 2 and "exists and is not an empty directory" in again.stderr  # nothing overwritten
+
+
+def test_export_refuses_layouts_gpt2_cannot_express(tmp_path):
+    from gptjax.train import train_and_evaluate
+
+    train_and_evaluate(small_config(steps=1), str(tmp_path / "run"), progress=False)  # sinusoidal positions, ReLU
+    result = run_module("gptjax.convert", f"--workdir={tmp_path / 'run'}", f"--to_hf={tmp_path / 'hf'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: GPT-2 cannot express this model (model.pos_embedding='sinusoidal', model.activation='relu'); only "
+        "runs with learned positions, GELU, biases and a tied output layer export to Hugging Face"]
+    assert not (tmp_path / "hf").exists()

@@ -154,3 +154,61 @@ def test_plot_draws_the_loss_curves(trained_workdir):
     path = plot_metrics(trained_workdir)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_word_level_perplexity_divides_the_total_loss_by_the_words(trained_workdir, tmp_path):
+    from pydoc_data.topics import topics
+
+    from gptjax.tokenizer import load_tokenizer
+
+    text = " ".join(topics["class"].split())  # word-tokenized, as WikiText: words separated by single spaces
+    (tmp_path / "words.txt").write_text(text, encoding="utf-8")
+    result = run_module("gptjax.evaluate", f"--workdir={trained_workdir}", "--source=text",
+                        f"--path={tmp_path / 'words.txt'}", "--split=train", "--max_batches=0", "--words")
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    tokenizer = load_tokenizer()
+    predicted = tokenizer(text)["input_ids"][1: 1 + measured["eval_tokens"]]  # what the windows' targets cover
+    assert measured["eval_words"] == len(tokenizer.decode(predicted).split())
+    assert measured["eval_words"] < measured["eval_tokens"]  # BPE splits words
+    assert measured["eval_word_perplexity"] == pytest.approx(
+        np.exp(measured["eval_loss"] * measured["eval_tokens"] / measured["eval_words"]), rel=1e-9)
+
+
+def test_lambada_last_word_accuracy_counts_greedy_hits(trained_workdir, tmp_path):
+    from gptjax.checkpoints import load_for_inference
+    from gptjax.tokenizer import load_tokenizer
+
+    params, model_config, _ = load_for_inference(trained_workdir)
+    tokenizer = load_tokenizer()
+    # Passages whose last word is the model's own greedy next word (hits), and the same with a word it never predicts.
+    hits = []
+    for sentence in read_documents_sentences():
+        ids = tokenizer.encode(sentence)[-model_config.max_len + 1:]
+        logits = GPT(model_config).apply({"params": params}, jnp.asarray([ids], jnp.int32))
+        word = tokenizer.decode([int(logits[0, -1].argmax())])
+        if word.startswith(" ") and word[1:].isalpha() and tokenizer.encode(word) == [int(logits[0, -1].argmax())]:
+            hits.append(tokenizer.decode(ids) + word)
+        if len(hits) == 3:
+            break
+    assert len(hits) == 3
+    misses = [hits[0].rpartition(" ")[0] + " Zyzzyvaquux"]
+    with open(tmp_path / "lambada.jsonl", "w", encoding="utf-8") as f:
+        for text in hits + misses:
+            f.write(json.dumps({"text": text}) + "\n")
+    result = run_module("gptjax.evaluate", f"--workdir={trained_workdir}", f"--lambada={tmp_path / 'lambada.jsonl'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["lambada_examples"] == 4 and measured["lambada_accuracy"] == 0.75
+    (tmp_path / "one_word.jsonl").write_text(json.dumps({"text": "Hello"}) + "\n")
+    bad = run_module("gptjax.evaluate", f"--workdir={trained_workdir}", f"--lambada={tmp_path / 'one_word.jsonl'}")
+    assert bad.returncode == 2 and "line 1 has fewer than two words" in bad.stderr
+
+
+def read_documents_sentences():
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        for sentence in topics[name].split(". "):
+            if len(sentence.split()) > 6:
+                yield " ".join(sentence.split())

@@ -138,6 +138,40 @@ def test_four_devices_match_one_device():
     assert "PARITY OK" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
+ALL_REDUCE_SCRIPT = """
+import re, jax, numpy as np
+from gptjax import train_step as steps_lib
+from gptjax.model import ModelConfig
+from tests.test_train import small_config
+config = small_config()
+cfg = ModelConfig.from_config(config.model)
+opt = steps_lib.make_optimizer(config.train, 10)
+mesh = steps_lib.data_mesh()
+state = steps_lib.create_train_state(cfg, opt, seed=0)
+sharding = steps_lib.replicated_sharding(state, mesh)
+for loss_chunk in (0, 1024):
+    step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=False, loss_chunk=loss_chunk)
+    hlo = step.lower(state, np.zeros((4, 8, 17), np.int32)).compile().as_text()  # 4 micro-batches of 8
+    computation, where = None, []
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):
+            computation = line.split(" ")[0]
+        if re.search(r"= .*all-reduce(-start)?\\(", line):
+            where.append(computation)
+    print(loss_chunk, "all-reduce in:", where)
+    assert where and set(where) == {"ENTRY"}, where  # not in a loop body: once per step
+print("ONCE PER STEP")
+"""
+
+
+def test_gradients_cross_devices_once_per_step_not_once_per_micro_batch():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO_ROOT)
+    result = subprocess.run([sys.executable, "-c", ALL_REDUCE_SCRIPT], env=env, cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert "ONCE PER STEP" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
 def test_resume_gives_the_same_run(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_and_evaluate(small_config(), straight, progress=False)
