@@ -176,7 +176,8 @@ def run(config, args) -> None:
     batch_size = args.batch_size or (16 if on_cpu else config.train.batch_size)
     accum = args.grad_accum_steps or (1 if on_cpu else config.train.grad_accum_steps)
     with exit_on_user_error():
-        cli.require(batch_size % accum == 0, f"--batch_size={batch_size} is not divisible by --grad_accum_steps={accum}")
+        cli.require(batch_size % accum == 0,
+                    f"--batch_size={batch_size} is not divisible by --grad_accum_steps={accum}")
     cfg = ModelConfig.from_config(config.model)
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
                "config": args.config,

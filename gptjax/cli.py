@@ -48,8 +48,8 @@ def parse_flags(argv: list[str]) -> list[str]:
             message = " ".join(str(e).split())
             raise UserError(f"{message}; see --help") from None
         if len(remaining) > 1:
-            hint = (f"; did you mean --config {remaining[1]}?" if remaining[1].endswith(".py") and "config" in flags.FLAGS
-                    else "")
+            looks_like_config = remaining[1].endswith(".py") and "config" in flags.FLAGS
+            hint = f"; did you mean --config {remaining[1]}?" if looks_like_config else ""
             raise UserError(f"unexpected argument {remaining[1]!r}: options are passed as --name=value{hint}")
     return remaining
 

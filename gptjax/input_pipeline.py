@@ -42,7 +42,7 @@ DOCUMENTS_PER_TOKENIZER_CALL = 512
 
 
 def import_tensorflow():
-    """TensorFlow for tf.data only (kept quiet by gptjax/__init__.py), hidden from GPUs so XLA keeps all their memory."""
+    """TensorFlow for tf.data only (kept quiet by gptjax/__init__.py), hidden from GPUs so XLA keeps their memory."""
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
