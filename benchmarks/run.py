@@ -188,7 +188,8 @@ def run(config, args) -> None:
         results.update(head_to_head(train_setup, rounds=max(4, args.repeats)))
     results.update(sampling_bench.run(args.config))
     if not args.quick:
-        results.update({k: v for k, v in input_bench.run().items() if k.endswith("per_second")})
+        pipeline = input_bench.run()
+        results.update({k: v for k, v in pipeline.items() if k.endswith(("per_second", "first_batch_seconds"))})
     width = max(map(len, results))
     for key, value in results.items():
         shown = f"{value:,.3f}" if isinstance(value, float) and abs(value) < 100 else (
