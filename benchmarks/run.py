@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from benchmarks import input_pipeline as input_bench
 from benchmarks import sampling as sampling_bench
-from gptjax import cli, hardware
+from gptjax import cli, hardware, kernels
 from gptjax import train_step as steps_lib
 from gptjax.configs import load_config_file
 from gptjax.errors import exit_on_user_error
@@ -60,7 +60,7 @@ def make_train_step(config, batch_size: int, accum: int):
     sharding = steps_lib.replicated_sharding(state, mesh)
     state = jax.device_put(state, sharding)
     step = steps_lib.make_train_step(cfg, optimizer, mesh, sharding, seed=0, donate=False,
-                                     loss_chunk=hardware.loss_chunk_tokens(config.train.loss_chunk_tokens))
+                                     loss_chunk=kernels.loss_chunk_tokens(config.train.loss_chunk_tokens))
     T = config.data.seq_len
     batch = jax.random.randint(jax.random.PRNGKey(0), (accum, batch_size // accum, T + 1), 0, cfg.vocab_size)
     return cfg, state, step, batch
@@ -181,7 +181,7 @@ def run(config, args) -> None:
     cfg = ModelConfig.from_config(config.model)
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
                "config": args.config,
-               "loss_chunk_tokens": hardware.loss_chunk_tokens(config.train.loss_chunk_tokens)}
+               "loss_chunk_tokens": kernels.loss_chunk_tokens(config.train.loss_chunk_tokens)}
     train_setup = make_train_step(config, batch_size, accum)  # compiled once, timed by both measurements
     results.update(train_speed(train_setup, args.repeats, (1024, 2048, 3072) if on_cpu else (4096, 8192)))
     if not args.quick and on_cpu:  # the reference is PyTorch's CPU build; it runs before TF's pipelines are used

@@ -90,14 +90,3 @@ def select_platform(platform: str) -> None:
 def supports_donation() -> bool:
     """jax-metal ignores buffer donation (and warns every step), so it is only asked for elsewhere."""
     return jax.default_backend().lower() not in ("metal",)
-
-
-def loss_chunk_tokens(configured: int) -> int:
-    """train.loss_chunk_tokens with -1 resolved for this backend (see gptjax.train_step.fused_output_loss).
-
-    Measured: m1 step on a 2-core CPU 821 -> 1131 tokens/s fused; on an H200 (bfloat16) 1.05M plain vs 0.93M fused.
-    Never measured on Apple's Metal GPU, so the plain loss stays the default there until it is.
-    """
-    if configured >= 0:
-        return configured
-    return 1024 if jax.default_backend().lower() == "cpu" else 0

@@ -21,7 +21,7 @@ from absl import flags
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
-from gptjax import checkpoints, cli, hardware, input_pipeline, sampling
+from gptjax import checkpoints, cli, hardware, input_pipeline, kernels, sampling
 from gptjax.evaluate import evaluate_loss
 from gptjax import train_step as steps_lib
 from gptjax.configs import define_config_flag, validate
@@ -282,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
 
     step_fn = steps_lib.make_train_step(model_config, optimizer, mesh, state_sharding, train.seed,
                                         donate=hardware.supports_donation(),
-                                        loss_chunk=hardware.loss_chunk_tokens(train.loss_chunk_tokens))
+                                        loss_chunk=kernels.loss_chunk_tokens(train.loss_chunk_tokens))
     eval_fn = steps_lib.make_eval_step(model_config, mesh, state_sharding.params)
     schedule = steps_lib.learning_rate_schedule(train, total_steps)
     micro = train.grad_accum_steps

@@ -1,5 +1,3 @@
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +5,7 @@ import pytest
 
 from gptjax.configs import load_config_file
 from gptjax.errors import UserError
-from gptjax.model import (GPT, ModelConfig, chunked_causal_attention, count_params, flops_per_token, param_count,
-                          query_blocks, sequences_per_attention_chunk, sinusoidal_positions)
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, param_count, sinusoidal_positions
 
 VARIATIONS = [
     dict(),  # the seed: sinusoidal, ReLU, biases, tied
@@ -107,22 +104,6 @@ def test_kv_cache_matches_full_forward(small_model_config):
             np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-4)
 
 
-@pytest.mark.parametrize("sequences_per_chunk,query_block", [(1, 4), (2, 4), (4, 4), (2, 12), (2, 5)])
-def test_chunked_attention_equals_jax_attention_and_its_gradients(sequences_per_chunk, query_block):
-    q, k, v, dy = (jax.random.normal(key, (4, 12, 3, 8)) for key in jax.random.split(jax.random.PRNGKey(0), 4))
-
-    def loss(attention, q, k, v):
-        return (attention(q, k, v) * dy).sum()  # a random cotangent checks every output's gradient
-
-    reference = functools.partial(jax.nn.dot_product_attention, is_causal=True)
-    chunked = functools.partial(chunked_causal_attention, sequences_per_chunk=sequences_per_chunk,
-                                query_block=query_block)
-    np.testing.assert_allclose(chunked(q, k, v), reference(q, k, v), atol=1e-5)
-    for got, want in zip(jax.grad(loss, argnums=(1, 2, 3))(chunked, q, k, v),
-                         jax.grad(loss, argnums=(1, 2, 3))(reference, q, k, v)):
-        np.testing.assert_allclose(got, want, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype,relative_error", [("float32", 1e-4), ("bfloat16", 0.1)])  # bfloat16 keeps ~3 digits
 def test_attention_choices_give_the_same_model_gradients(small_model_config, dtype, relative_error):
     cfg = small_model_config.replace(dtype=dtype)
@@ -135,19 +116,6 @@ def test_attention_choices_give_the_same_model_gradients(small_model_config, dty
     for got, want in zip(jax.tree_util.tree_leaves(jax.grad(loss)(params, "chunked")),
                          jax.tree_util.tree_leaves(jax.grad(loss)(params, "xla"))):
         assert np.abs(got - want).max() <= relative_error * np.abs(want).max()  # relative to each tensor's scale
-
-
-def test_query_blocks_cover_the_sequence_once():
-    assert query_blocks(256, 64) == [(0, 64), (64, 128), (128, 192), (192, 256)]
-    assert query_blocks(12, 5) == [(0, 12)]  # a block that does not divide T: one block
-    assert query_blocks(12, 12) == [(0, 12)]
-
-
-def test_attention_chunks_fit_the_cache_and_divide_the_batch():
-    assert sequences_per_attention_chunk(B=16, N=8, T=256) == 2  # m1: one sequence's scores are 2 MiB
-    assert sequences_per_attention_chunk(B=12, N=8, T=256, cache_bytes=8 << 20) == 4
-    assert sequences_per_attention_chunk(B=7, N=8, T=256, cache_bytes=8 << 20) == 1
-    assert sequences_per_attention_chunk(B=2, N=12, T=1024) == 1  # GPT-2: bigger than the budget, one at a time
 
 
 def test_m1_is_about_20m_parameters_and_flops_follow():

@@ -1,0 +1,38 @@
+"""Speed kernels, apart from the textbook model so that gptjax/model.py reads as the model and nothing else.
+
+Each computes exactly what a textbook path computes, rearranged for a backend's memory (tests/test_kernels.py
+compares values and gradients), and this is the one place that decides where each runs:
+
+- `attention.chunked_causal_attention`, for `jax.nn.dot_product_attention(q, k, v, is_causal=True)`: on CPUs.
+- `output_loss.fused_output_loss`, for the full logits + cross-entropy of `gptjax.train_step.next_token_loss`:
+  on CPUs. Never measured on Apple's Metal GPU, so the textbook paths run there until it is.
+"""
+
+import jax
+
+from gptjax.kernels.attention import chunked_causal_attention, sequences_per_attention_chunk
+from gptjax.kernels.output_loss import fused_output_loss
+
+
+def on_cpu() -> bool:
+    return jax.default_backend().lower() == "cpu"
+
+
+def attention_kernel(configured: str) -> str:
+    """model.attention with 'auto' resolved: 'chunked' on CPU, 'xla' (jax.nn.dot_product_attention) elsewhere.
+
+    Measured on a 2-core CPU at the m1 shape, forward + backward per layer: 93 ms (xla), 36 ms (chunked).
+    """
+    if configured != "auto":
+        return configured
+    return "chunked" if on_cpu() else "xla"
+
+
+def loss_chunk_tokens(configured: int) -> int:
+    """train.loss_chunk_tokens with -1 resolved: the fused loss over chunks of 1024 tokens on CPU, else the plain one.
+
+    Measured: m1 step on a 2-core CPU 821 -> 1131 tokens/s fused; on an H200 (bfloat16) 1.05M plain vs 0.93M fused.
+    """
+    if configured >= 0:
+        return configured
+    return 1024 if on_cpu() else 0
