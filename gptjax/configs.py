@@ -19,6 +19,7 @@ import sys
 import ml_collections
 
 from gptjax.errors import UserError, exit_on_user_error
+from gptjax.model import ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -220,8 +221,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if data.path and data.source not in SOURCES_THAT_READ_PATH:
         raise UserError(f"data.path={data.path!r} is set but data.source={data.source!r} does not read it; add "
                         f"--config.data.source=text to train on those files")
-    from gptjax.model import ModelConfig
-
     ModelConfig.from_config(config.model)  # its own checks: divisibility, known names
 
 

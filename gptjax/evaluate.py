@@ -91,7 +91,7 @@ def last_word_accuracy(params, model_config: ModelConfig, tokenizer, texts: list
     max_len = model_config.max_len
     rows, word_lengths = [], []
     for text in texts:
-        context, _, word = text.rpartition(" ")
+        context, word = text.rsplit(maxsplit=1)  # the last word, after any whitespace
         ids = tokenizer.encode(context) + tokenizer.encode(" " + word)
         rows.append(ids[-max_len:])
         word_lengths.append(len(tokenizer.encode(" " + word)))
