@@ -62,7 +62,7 @@ def make_train_step(config, batch_size: int, accum: int):
     step = steps_lib.make_train_step(cfg, optimizer, mesh, sharding, seed=0, donate=False,
                                      loss_chunk=kernels.loss_chunk_tokens(config.train.loss_chunk_tokens))
     T = config.data.seq_len
-    batch = jax.random.randint(jax.random.PRNGKey(0), (accum, batch_size // accum, T + 1), 0, cfg.vocab_size)
+    batch = jax.random.randint(jax.random.key(0), (accum, batch_size // accum, T + 1), 0, cfg.vocab_size)
     return cfg, state, step, batch
 
 

@@ -20,7 +20,7 @@ from gptjax.model import GPT, ModelConfig
 def greedy_generate(params, cfg: ModelConfig, batch: int, new_tokens: int):
     """A call that decodes exactly `new_tokens` greedy tokens for `batch` rows with the KV cache (no early stop)."""
     options = dict(num_samples=batch, max_new_tokens=new_tokens, temperature=0.0, eos_id=-1, chunk=32)
-    return lambda: sampling.generate(params, cfg, [50256], jax.random.PRNGKey(0), **options)
+    return lambda: sampling.generate(params, cfg, [50256], jax.random.key(0), **options)
 
 
 def cached_tokens_per_second(params, cfg: ModelConfig, batch: int, new_tokens: int) -> float:
@@ -40,7 +40,7 @@ def uncached_tokens_per_second(params, cfg: ModelConfig, batch: int, new_tokens:
 
 def run(config_path: str = "experiments/m1.py", new_tokens: int = 255, uncached_tokens: int = 32) -> dict:
     cfg = ModelConfig.from_config(load_config_file(config_path).model)
-    params = GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
+    params = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
     results = {"config": config_path, "new_tokens": new_tokens, "device": jax.devices()[0].device_kind}
     for batch in (1, 8):
         cached = cached_tokens_per_second(params, cfg, batch, new_tokens)

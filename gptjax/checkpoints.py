@@ -53,7 +53,7 @@ def abstract(tree):
     def spec(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default)
 
-    return jax.tree_util.tree_map(spec, tree)
+    return jax.tree.map(spec, tree)
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -155,6 +155,6 @@ def load_for_inference(workdir: str, step: int | None = None):
     meta = read_meta(manager, step if step is not None else steps[0])
     model_config = ModelConfig.from_config(meta["config"]["model"])
     tokens = jax.ShapeDtypeStruct((1, model_config.max_len), jax.numpy.int32)
-    params_shape = jax.eval_shape(lambda t: GPT(model_config).init(jax.random.PRNGKey(0), t)["params"], tokens)
+    params_shape = jax.eval_shape(lambda t: GPT(model_config).init(jax.random.key(0), t)["params"], tokens)
     params, _, meta = restore_latest(manager, workdir, meta["config"]["model"], params_shape, step=step)
     return params, model_config, meta

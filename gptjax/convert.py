@@ -105,11 +105,11 @@ def convert(hf_dir: str, workdir: str) -> dict:
 
     fresh = steps_lib.create_train_state(model_config, steps_lib.make_optimizer(config.train, 1), seed=0)
     params = gpt2_params(state, model_config)
-    expected = jax.tree_util.tree_map(lambda x: x.shape, fresh.params)
-    got = jax.tree_util.tree_map(lambda x: x.shape, params)
+    expected = jax.tree.map(lambda x: x.shape, fresh.params)
+    got = jax.tree.map(lambda x: x.shape, params)
     if expected != got:
         raise UserError(f"tensor shapes in {hf_dir} do not match its config.json")
-    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+    params = jax.tree.map(jax.numpy.asarray, params)
     manager = checkpoints.make_manager(workdir, async_save=False)
     if manager.all_steps():
         raise UserError(f"{checkpoints.checkpoint_dir(workdir)} already has checkpoints; pick an empty --workdir")

@@ -306,7 +306,7 @@ def mask_padded_vocab(logits_xV: jax.Array, vocab_size: int) -> jax.Array:
 
 def count_params(params) -> int:
     """Number of scalars in a parameter tree (a tied embedding is one array, so it counts once)."""
-    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -67,7 +67,7 @@ def main():
     print(f"[step {meta['step']} of {FLAGS.workdir}]", file=sys.stderr)
     options = dict(num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
                    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_id=eos)
-    chunks = sampling.generate_chunks(params, model_config, prompt_ids, jax.random.PRNGKey(FLAGS.seed), **options)
+    chunks = sampling.generate_chunks(params, model_config, prompt_ids, jax.random.key(FLAGS.seed), **options)
     if FLAGS.num_samples == 1:
         stream_one(chunks, tokenizer, prompt_text, eos)
     else:

@@ -55,9 +55,9 @@ class DecodeState:
 def empty_cache(model_config: ModelConfig, batch_size: int):
     """Zeroed KV cache for `batch_size` rows; shapes come from an abstract init, so nothing is computed."""
     model = GPT(model_config)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch_size, 1), jnp.int32),
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32),
                                                decode=True)["cache"])
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def prefill(params, model_config: ModelConfig, tokens_BxP: jax.Array):

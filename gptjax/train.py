@@ -116,7 +116,7 @@ class MetricsLog:
 
 def sample_text(params, model_config: ModelConfig, tokenizer, seed: int, max_new_tokens: int = 32) -> str:
     prompt = [tokenizer.eos_token_id]
-    tokens = sampling.generate(params, model_config, prompt, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
+    tokens = sampling.generate(params, model_config, prompt, jax.random.key(seed), max_new_tokens=max_new_tokens,
                                temperature=0.8, top_k=200, eos_id=tokenizer.eos_token_id)[0]
     return tokenizer.decode(sampling.truncate_at_eos(tokens, tokenizer.eos_token_id))
 
@@ -366,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
 def save_on_interrupt(state, start_step: int, manager, save, last: dict, workdir: str, is_chief: bool) -> None:
     """Saves the state an interrupt left (unless it is saved already), and says which checkpoint a rerun resumes."""
     directory = checkpoints.checkpoint_dir(workdir)
-    if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):  # a second Ctrl-C, inside a step
+    if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):  # a second Ctrl-C, inside a step
         print(f"\nInterrupted inside a step: nothing saved; the last checkpoint in {directory} is kept",
               file=sys.stderr)
         return

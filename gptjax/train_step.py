@@ -68,7 +68,7 @@ def weight_decay_mask(params, decay_embeddings: bool = True):
             return decay_embeddings
         return leaf.ndim >= 2
 
-    return jax.tree_util.tree_map_with_path(decays, params)
+    return jax.tree.map_with_path(decays, params)
 
 
 def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -82,9 +82,9 @@ def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 
 def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Fresh parameters from PRNGKey(seed) and a zero optimizer state."""
+    """Fresh parameters from jax.random.key(seed) and a zero optimizer state."""
     tokens = jnp.zeros((1, model_config.max_len), jnp.int32)
-    params = GPT(model_config).init(jax.random.PRNGKey(seed), tokens)["params"]
+    params = GPT(model_config).init(jax.random.key(seed), tokens)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
@@ -132,12 +132,12 @@ def mean_gradients(params, batch_AxBxT1, step_rng, *, model: GPT, use_dropout: b
         index, micro_batch_BxT1 = micro
         rng = jax.random.fold_in(step_rng, index) if use_dropout else None
         loss, grads = jax.value_and_grad(next_token_loss)(params, micro_batch_BxT1, model, rng, loss_chunk)
-        return jax.tree_util.tree_map(jnp.add, grad_sum, grads), loss
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     num_micro = batch_AxBxT1.shape[0]
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     grad_sum, losses_A = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), batch_AxBxT1))
-    return jax.tree_util.tree_map(lambda g: g / num_micro, grad_sum), losses_A.mean()
+    return jax.tree.map(lambda g: g / num_micro, grad_sum), losses_A.mean()
 
 
 def data_parallel(gradients, mesh: Mesh):
@@ -199,7 +199,7 @@ def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransfor
     gradients = functools.partial(mean_gradients, model=GPT(model_config), use_dropout=model_config.dropout > 0,
                                   loss_chunk=loss_chunk)
     step = functools.partial(train_step, gradients=data_parallel(gradients, mesh), optimizer=optimizer,
-                             dropout_rng=jax.random.PRNGKey(seed + 1))
+                             dropout_rng=jax.random.key(seed + 1))
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,) if donate else ())
@@ -213,7 +213,7 @@ def make_eval_step(model_config: ModelConfig, mesh: Mesh, params_sharding):
 
 def replicated_sharding(tree, mesh: Mesh):
     """A sharding for every array of `tree` (a train state, or params): replicated on every device."""
-    return jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
+    return jax.tree.map(lambda _: replicated(mesh), tree)
 
 
 def global_batch(local_batch: np.ndarray, mesh: Mesh, spec: PartitionSpec) -> jax.Array:

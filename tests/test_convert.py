@@ -48,7 +48,7 @@ def test_converted_gpt2_matches_hugging_face(hf_gpt2, tmp_path):
     with torch.no_grad():
         hf_greedy = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                    pad_token_id=50256).numpy()[0, len(prompt):]
-    ours = sampling.generate(params, model_config, prompt, jax.random.PRNGKey(0), max_new_tokens=12,
+    ours = sampling.generate(params, model_config, prompt, jax.random.key(0), max_new_tokens=12,
                              temperature=0.0, eos_id=-1)[0]
     np.testing.assert_array_equal(ours, hf_greedy)
 

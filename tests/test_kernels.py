@@ -14,7 +14,7 @@ from gptjax.model import GPT, ModelConfig
 
 @pytest.mark.parametrize("sequences_per_chunk,query_block", [(1, 4), (2, 4), (4, 4), (2, 12), (2, 5)])
 def test_chunked_attention_equals_jax_attention_and_its_gradients(sequences_per_chunk, query_block):
-    q, k, v, dy = (jax.random.normal(key, (4, 12, 3, 8)) for key in jax.random.split(jax.random.PRNGKey(0), 4))
+    q, k, v, dy = (jax.random.normal(key, (4, 12, 3, 8)) for key in jax.random.split(jax.random.key(0), 4))
 
     def loss(attention, q, k, v):
         return (attention(q, k, v) * dy).sum()  # a random cotangent checks every output's gradient
@@ -45,20 +45,20 @@ def test_attention_chunks_fit_the_cache_and_divide_the_batch():
 def test_fused_output_loss_equals_the_plain_loss_and_gradients(tie_embeddings):
     cfg = ModelConfig(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64, tie_embeddings=tie_embeddings)
     model = GPT(cfg)
-    params = model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 16), jax.numpy.int32))["params"]
-    batch = jax.random.randint(jax.random.PRNGKey(1), (3, 17), 0, 50257)
+    params = model.init(jax.random.key(0), jax.numpy.zeros((1, 16), jax.numpy.int32))["params"]
+    batch = jax.random.randint(jax.random.key(1), (3, 17), 0, 50257)
     plain_loss, plain_grads = jax.value_and_grad(steps_lib.next_token_loss)(params, batch, model, None, 0)
     for chunk in (7, 16, 1024):  # uneven (padded last chunk), even, and larger than the batch
         loss, grads = jax.value_and_grad(steps_lib.next_token_loss)(params, batch, model, None, chunk)
         np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
-        for a, b in zip(jax.tree_util.tree_leaves(plain_grads), jax.tree_util.tree_leaves(grads)):
+        for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(grads)):
             np.testing.assert_allclose(a, b, atol=1e-7)
 
 
 @pytest.mark.parametrize("width, vocab_size", [(200, 1), (200, 100), (200, 128), (200, 150), (192, 190), (192, 192)])
 def test_max_over_real_vocab_ignores_the_padded_columns(width, vocab_size):
     # Padded columns hold the largest values, so any leak of them into the max shows.
-    logits = jax.random.normal(jax.random.PRNGKey(0), (5, width)).at[:, vocab_size:].set(1e9)
+    logits = jax.random.normal(jax.random.key(0), (5, width)).at[:, vocab_size:].set(1e9)
     np.testing.assert_array_equal(max_over_real_vocab(logits, vocab_size)[:, 0],
                                   logits[:, :vocab_size].max(axis=-1))
 
@@ -66,11 +66,11 @@ def test_max_over_real_vocab_ignores_the_padded_columns(width, vocab_size):
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 2e-4), ("bfloat16", 1e-2)])
 def test_fused_output_loss_keeps_the_small_gradients_of_confident_predictions(dtype, tolerance):
     N, D, V, vocab_size = 64, 32, 192, 190
-    output_VxD = jax.random.normal(jax.random.PRNGKey(1), (V, D)).astype(dtype)
-    targets_N = jax.random.randint(jax.random.PRNGKey(2), (N,), 0, vocab_size)
+    output_VxD = jax.random.normal(jax.random.key(1), (V, D)).astype(dtype)
+    targets_N = jax.random.randint(jax.random.key(2), (N,), 0, vocab_size)
     # Hidden states close to 3x their target's output row: the target gets probability ~0.999, so p - 1 is small.
     hidden_NxD = (3 * output_VxD[targets_N].astype(np.float32)
-                  + 0.1 * jax.random.normal(jax.random.PRNGKey(0), (N, D))).astype(dtype)
+                  + 0.1 * jax.random.normal(jax.random.key(0), (N, D))).astype(dtype)
     grad_h, grad_output = jax.grad(fused_output_loss, argnums=(0, 1))(
         hidden_NxD, output_VxD, targets_N, vocab_size, 16)
     # float64 reference from the same (rounded) inputs.
@@ -90,7 +90,7 @@ def test_the_kernel_scores_are_the_models_scores():
     from gptjax.kernels.attention import block_scores
     from gptjax.model import attention_scores
 
-    q, k = (jax.random.normal(key, (2, 3, 12, 8)) for key in jax.random.split(jax.random.PRNGKey(0), 2))
+    q, k = (jax.random.normal(key, (2, 3, 12, 8)) for key in jax.random.split(jax.random.key(0), 2))
     for start, end in query_blocks(12, 4):
         np.testing.assert_array_equal(block_scores(q[:, :, start:end], k[:, :, :end], start),
                                       attention_scores(q[:, :, start:end], k[:, :, :end], jax.numpy.arange(start, end)))

@@ -18,8 +18,8 @@ VARIATIONS = [
 
 
 def init(cfg, batch=2, length=None, seed=0):
-    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (batch, length or cfg.max_len), 0, cfg.vocab_size)
-    params = GPT(cfg).init(jax.random.PRNGKey(seed), tokens)["params"]
+    tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length or cfg.max_len), 0, cfg.vocab_size)
+    params = GPT(cfg).init(jax.random.key(seed), tokens)["params"]
     return params, tokens
 
 
@@ -60,8 +60,8 @@ def test_dropout_is_active_only_when_not_deterministic(small_model_config):
     cfg = small_model_config.replace(dropout=0.5)
     params, tokens = init(cfg)
     model = GPT(cfg)
-    a = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
-    b = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
+    a = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    b = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)})
     c = model.apply({"params": params}, tokens)
     d = model.apply({"params": params}, tokens)
     assert not np.allclose(a, b)
@@ -94,7 +94,7 @@ def test_kv_cache_matches_full_forward(small_model_config):
         params, tokens = init(cfg, length=12)
         model = GPT(cfg)
         full = model.apply({"params": params}, tokens)
-        cache = model.init(jax.random.PRNGKey(0), tokens[:, :1], decode=True)["cache"]
+        cache = model.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"]
         prefill, state = model.apply({"params": params, "cache": cache}, tokens[:, :8], jnp.arange(8), decode=True,
                                      mutable=["cache"])
         np.testing.assert_allclose(prefill, full[:, :8], atol=1e-4)
@@ -113,8 +113,8 @@ def test_attention_choices_give_the_same_model_gradients(small_model_config, dty
         logits = GPT(cfg.replace(attention=attention)).apply({"params": params}, tokens)
         return logits[..., :cfg.vocab_size].std()
 
-    for got, want in zip(jax.tree_util.tree_leaves(jax.grad(loss)(params, "chunked")),
-                         jax.tree_util.tree_leaves(jax.grad(loss)(params, "xla"))):
+    for got, want in zip(jax.tree.leaves(jax.grad(loss)(params, "chunked")),
+                         jax.tree.leaves(jax.grad(loss)(params, "xla"))):
         assert np.abs(got - want).max() <= relative_error * np.abs(want).max()  # relative to each tensor's scale
 
 

@@ -19,13 +19,13 @@ CFG = ModelConfig(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64)
 @pytest.fixture(scope="module")
 def params():
     # Large random weights make the next-token distribution peaked and varied, so greedy paths are informative.
-    p = GPT(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, CFG.max_len), jnp.int32))["params"]
-    return jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, p)
+    p = GPT(CFG).init(jax.random.key(0), jnp.zeros((1, CFG.max_len), jnp.int32))["params"]
+    return jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, p)
 
 
 def test_cached_greedy_equals_full_forward_greedy(params):
     prompt = [464, 2068, 7586, 21831]
-    cached = sampling.generate(params, CFG, prompt, jax.random.PRNGKey(0), max_new_tokens=12, temperature=0.0,
+    cached = sampling.generate(params, CFG, prompt, jax.random.key(0), max_new_tokens=12, temperature=0.0,
                                num_samples=2, chunk=5)
     reference = sampling.generate_greedy_uncached(params, CFG, prompt, 12, num_samples=2)
     np.testing.assert_array_equal(cached, reference)
@@ -39,7 +39,7 @@ def test_decoding_past_the_context_window_slides(params):
     prompt = list(range(100, 130))  # longer than the 16-token window
     fitted, dropped = sampling.fit_prompt(prompt, CFG, eos_id=50256)
     assert dropped == 14 and fitted == prompt[14:]
-    out = sampling.generate(params, CFG, fitted, jax.random.PRNGKey(1), max_new_tokens=40, temperature=0.0)
+    out = sampling.generate(params, CFG, fitted, jax.random.key(1), max_new_tokens=40, temperature=0.0)
     assert out.shape == (1, 40)
     # The first slide happens once the cache is full: until then cached and uncached greedy agree.
     reference = sampling.generate_greedy_uncached(params, CFG, fitted, 1)
@@ -48,10 +48,10 @@ def test_decoding_past_the_context_window_slides(params):
 
 
 def test_top_k_never_leaves_the_k_best():
-    logits = jax.random.normal(jax.random.PRNGKey(0), (1, 1000))
+    logits = jax.random.normal(jax.random.key(0), (1, 1000))
     best = set(np.argsort(np.asarray(logits[0]))[-5:].tolist())
     draws = jax.vmap(lambda key: sampling.sample_logits(logits, key, 2.0, top_k=5))(
-        jax.random.split(jax.random.PRNGKey(1), 2000))
+        jax.random.split(jax.random.key(1), 2000))
     assert set(np.asarray(draws).ravel().tolist()) == best  # all five appear, nothing else does
 
 
@@ -59,24 +59,24 @@ def test_top_p_never_leaves_the_nucleus():
     probs = np.array([0.5, 0.3, 0.1, 0.05, 0.05])
     logits = jnp.log(jnp.asarray(probs))[None]
     draws = jax.vmap(lambda key: sampling.sample_logits(logits, key, 1.0, top_p=0.85))(
-        jax.random.split(jax.random.PRNGKey(2), 3000))
+        jax.random.split(jax.random.key(2), 3000))
     assert set(np.asarray(draws).ravel().tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85 <= 0.5 + 0.3 + 0.1
     only_best = jax.vmap(lambda key: sampling.sample_logits(logits, key, 1.0, top_p=0.4))(
-        jax.random.split(jax.random.PRNGKey(3), 200))
+        jax.random.split(jax.random.key(3), 200))
     assert set(np.asarray(only_best).ravel().tolist()) == {0}
 
 
 def test_low_temperature_tends_to_greedy_and_seeds_reproduce(params):
-    logits = jax.random.normal(jax.random.PRNGKey(4), (8, 50304))
-    greedy = sampling.sample_logits(logits, jax.random.PRNGKey(5), temperature=0.0)
-    cold = sampling.sample_logits(logits, jax.random.PRNGKey(5), temperature=1e-4)
+    logits = jax.random.normal(jax.random.key(4), (8, 50304))
+    greedy = sampling.sample_logits(logits, jax.random.key(5), temperature=0.0)
+    cold = sampling.sample_logits(logits, jax.random.key(5), temperature=1e-4)
     hot = jax.vmap(lambda key: sampling.sample_logits(logits, key, temperature=5.0))(
-        jax.random.split(jax.random.PRNGKey(6), 4))
+        jax.random.split(jax.random.key(6), 4))
     np.testing.assert_array_equal(greedy, cold)
     assert not (np.asarray(hot) == np.asarray(greedy)[None]).all()
-    a = sampling.generate(params, CFG, [1, 2, 3], jax.random.PRNGKey(7), max_new_tokens=10, num_samples=3)
-    b = sampling.generate(params, CFG, [1, 2, 3], jax.random.PRNGKey(7), max_new_tokens=10, num_samples=3)
-    c = sampling.generate(params, CFG, [1, 2, 3], jax.random.PRNGKey(8), max_new_tokens=10, num_samples=3)
+    a = sampling.generate(params, CFG, [1, 2, 3], jax.random.key(7), max_new_tokens=10, num_samples=3)
+    b = sampling.generate(params, CFG, [1, 2, 3], jax.random.key(7), max_new_tokens=10, num_samples=3)
+    c = sampling.generate(params, CFG, [1, 2, 3], jax.random.key(8), max_new_tokens=10, num_samples=3)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 

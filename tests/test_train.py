@@ -86,7 +86,7 @@ def test_gradient_accumulation_equals_one_bigger_batch():
     model_config = ModelConfig.from_config(config.model)
     optimizer = steps_lib.make_optimizer(config.train, 10)
     state = steps_lib.create_train_state(model_config, optimizer, seed=0)
-    batch = jax.random.randint(jax.random.PRNGKey(5), (8, 17), 0, 50257)
+    batch = jax.random.randint(jax.random.key(5), (8, 17), 0, 50257)
     mesh = steps_lib.data_mesh(jax.devices()[:1])
     sharding = steps_lib.replicated_sharding(state, mesh)
     step = steps_lib.make_train_step(model_config, optimizer, mesh, sharding, seed=0, donate=False)
@@ -95,7 +95,7 @@ def test_gradient_accumulation_equals_one_bigger_batch():
     np.testing.assert_allclose(metrics_one["loss"], metrics_four["loss"], rtol=1e-5)
     # Adam's first update is about lr x g / |g|, which turns float rounding of a near-zero gradient into up to
     # ~1e-6 of parameter change; a wrong accumulation would be off by the update itself (lr = 1.5e-3 here).
-    for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)):
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -108,7 +108,7 @@ assert len(jax.devices()) == 4
 config = small_config()
 cfg = ModelConfig.from_config(config.model)
 opt = steps_lib.make_optimizer(config.train, 10)
-batches = jax.random.randint(jax.random.PRNGKey(1), (3, 2, 8, 17), 0, 50257)
+batches = jax.random.randint(jax.random.key(1), (3, 2, 8, 17), 0, 50257)
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = steps_lib.data_mesh(devices)
@@ -124,7 +124,7 @@ for devices in (jax.devices()[:1], jax.devices()):
     results.append((losses, state.params))
     print(len(devices), "devices:", losses, "batch sharding:", step.lower(state, batches[0]).compile() is not None)
 np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
-for a, b in zip(jax.tree_util.tree_leaves(results[0][1]), jax.tree_util.tree_leaves(results[1][1])):
+for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(a, b, atol=1e-5)
 print("PARITY OK")
 """
@@ -184,7 +184,7 @@ def test_resume_gives_the_same_run(tmp_path):
     params_a, _ = restore_params(straight, small_config())
     params_b, meta = restore_params(resumed, small_config())
     assert meta["step"] == 8 and meta["data_position"]["step"] == 8
-    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(params_b)):
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -227,7 +227,7 @@ def test_interrupt_saves_a_restorable_checkpoint(tmp_path, signal_number):
     assert process.returncode == 130, stderr[-2000:]
     assert "Interrupted: saving step" in stderr
     params, meta = restore_params(workdir, small_config(steps=100000))
-    assert meta["step"] >= 3 and np.isfinite(jax.tree_util.tree_leaves(params)[0]).all()
+    assert meta["step"] >= 3 and np.isfinite(jax.tree.leaves(params)[0]).all()
 
 
 def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path):

@@ -87,7 +87,7 @@ def _over_batch_chunks(fn, sequences_per_chunk: int, *arrays_B):
         return fn(*arrays_B)
     chunked = [a.reshape(B // sequences_per_chunk, sequences_per_chunk, *a.shape[1:]) for a in arrays_B]
     outputs = jax.lax.map(lambda chunk: fn(*chunk), chunked)
-    return jax.tree_util.tree_map(lambda a: a.reshape(B, *a.shape[2:]), outputs)
+    return jax.tree.map(lambda a: a.reshape(B, *a.shape[2:]), outputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
