@@ -15,7 +15,6 @@ Random weights and tokens: speed does not depend on them. Runs unchanged on a GP
 """
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,28 +25,13 @@ from gptjax import cli, hardware, kernels
 from gptjax import train_step as steps_lib
 from gptjax.configs import load_config_file
 from gptjax.errors import exit_on_user_error
+from gptjax.hardware import alternated
 from gptjax.model import ModelConfig, flops_per_token
 
 
 def timed(fn, repeats: int) -> float:
     """Seconds per call: one warm-up call (compilation), then the best of `repeats`."""
     return alternated({"fn": fn}, repeats)["fn"]
-
-
-def alternated(functions: dict, rounds: int) -> dict:
-    """Best seconds per call of each function, calling them in turn for `rounds` rounds after one warm-up call each.
-
-    Taking turns puts every contender in the same minutes of a shared machine, so its noise hits them alike.
-    """
-    for fn in functions.values():
-        jax.block_until_ready(fn())
-    best = {name: float("inf") for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def make_train_step(config, batch_size: int, accum: int):

@@ -92,9 +92,9 @@ def last_word_accuracy(params, model_config: ModelConfig, tokenizer, texts: list
     rows, word_lengths = [], []
     for text in texts:
         context, word = text.rsplit(maxsplit=1)  # the last word, after any whitespace
-        ids = tokenizer.encode(context) + tokenizer.encode(" " + word)
-        rows.append(ids[-max_len:])
-        word_lengths.append(len(tokenizer.encode(" " + word)))
+        word_ids = tokenizer.encode(" " + word)
+        rows.append((tokenizer.encode(context) + word_ids)[-max_len:])
+        word_lengths.append(len(word_ids))
     model = GPT(model_config)
     greedy = jax.jit(lambda p, tokens_BxT: model.apply({"params": p}, tokens_BxT).argmax(axis=-1))
     hits = 0

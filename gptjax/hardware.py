@@ -49,18 +49,23 @@ def measure_matmul_flops(dtype=jnp.float32, sizes=(1024, 2048, 3072), repeats: i
     One measurement can come out low when something else runs at that moment (another process, tf.data threads,
     a compilation); the best of several sizes and repeats is the stable number.
     """
-    timers = matmul_timers(dtype, sizes, device)
-    best = {}
-    for n, run in timers.items():
-        run()  # compile and warm up
-        best[n] = min(timed_call(run) for _ in range(repeats))
-    return peak_from_seconds(best)
+    return peak_from_seconds(alternated(matmul_timers(dtype, sizes, device), repeats))
 
 
-def timed_call(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def alternated(functions: dict, rounds: int) -> dict:
+    """Best seconds per call of each function, calling them in turn for `rounds` rounds after one warm-up call each.
+
+    Taking turns puts every contender in the same minutes of a shared machine, so its noise hits them alike.
+    """
+    for fn in functions.values():
+        jax.block_until_ready(fn())
+    best = {name: float("inf") for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def peak_flops_per_device(dtype_name: str, configured: float = 0.0) -> tuple[float, str]:
