@@ -23,10 +23,11 @@ from benchmarks import input_pipeline as input_bench
 from benchmarks import sampling as sampling_bench
 from gptjax import cli, hardware, kernels
 from gptjax import train_step as steps_lib
-from gptjax.configs import load_config_file
+from gptjax.configs import build_model_config, load_config_file
 from gptjax.errors import exit_on_user_error
 from gptjax.hardware import alternated
-from gptjax.model import ModelConfig, flops_per_token
+from gptjax.model import ModelConfig
+from gptjax.scaling import flops_per_token
 
 
 def timed(fn, repeats: int) -> float:
@@ -36,7 +37,7 @@ def timed(fn, repeats: int) -> float:
 
 def make_train_step(config, batch_size: int, accum: int):
     """(cfg, state, jitted train step, a random batch [accum, batch / accum, T + 1]) at the config's shape."""
-    cfg = ModelConfig.from_config(config.model)
+    cfg = build_model_config(config.model)
     config.train.batch_size, config.train.grad_accum_steps = batch_size, accum
     optimizer = steps_lib.make_optimizer(config.train, 1000)
     mesh = steps_lib.data_mesh()
@@ -162,7 +163,7 @@ def run(config, args) -> None:
     with exit_on_user_error():
         cli.require(batch_size % accum == 0,
                     f"--batch_size={batch_size} is not divisible by --grad_accum_steps={accum}")
-    cfg = ModelConfig.from_config(config.model)
+    build_model_config(config.model)  # a bad shape is one line, before anything compiles
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
                "config": args.config,
                "loss_chunk_tokens": kernels.loss_chunk_tokens(config.train.loss_chunk_tokens)}

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import sampling
-from gptjax.configs import load_config_file
+from gptjax.configs import build_model_config, load_config_file
 from gptjax.model import GPT, ModelConfig
 
 
@@ -39,7 +39,7 @@ def uncached_tokens_per_second(params, cfg: ModelConfig, batch: int, new_tokens:
 
 
 def run(config_path: str = "experiments/m1.py", new_tokens: int = 255, uncached_tokens: int = 32) -> dict:
-    cfg = ModelConfig.from_config(load_config_file(config_path).model)
+    cfg = build_model_config(load_config_file(config_path).model)
     params = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
     results = {"config": config_path, "new_tokens": new_tokens, "device": jax.devices()[0].device_kind}
     for batch in (1, 8):

@@ -139,7 +139,8 @@ def warn(message: str) -> None:
 
 def load_for_inference(workdir: str, step: int | None = None):
     """(params, ModelConfig, meta) of the latest checkpoint in `workdir` (or `step`), without the optimizer state."""
-    from gptjax.model import GPT, ModelConfig
+    from gptjax.configs import build_model_config
+    from gptjax.model import GPT
 
     check_workdir(workdir)
     if not os.path.isdir(checkpoint_dir(workdir)):
@@ -153,7 +154,7 @@ def load_for_inference(workdir: str, step: int | None = None):
         raise UserError(f"there is no checkpoint for --step {step} in {checkpoint_dir(workdir)}; its steps are "
                         f"{sorted(steps)} (leave --step out for the latest)")
     meta = read_meta(manager, step if step is not None else steps[0])
-    model_config = ModelConfig.from_config(meta["config"]["model"])
+    model_config = build_model_config(meta["config"]["model"])
     tokens = jax.ShapeDtypeStruct((1, model_config.max_len), jax.numpy.int32)
     params_shape = jax.eval_shape(lambda t: GPT(model_config).init(jax.random.key(0), t)["params"], tokens)
     params, _, meta = restore_latest(manager, workdir, meta["config"]["model"], params_shape, step=step)

@@ -15,11 +15,12 @@ import inspect
 import math
 import os
 import sys
+from typing import Any, Mapping
 
 import ml_collections
 
 from gptjax.errors import UserError, exit_on_user_error
-from gptjax.model import ModelConfig
+from gptjax.model import ACTIVATIONS, ATTENTIONS, DTYPES, POS_EMBEDDINGS, ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -127,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
     # -1 = auto: fused (1024) on CPU, where it is faster and saves memory; plain on GPU/TPU, where it is not faster,
     # and on Metal, where it was never measured.
     train.loss_chunk_tokens = -1
+    # Data parallelism over several devices: 'shard_map' (per-device gradients, one written-out pmean per step) or
+    # 'jit' (XLA splits the step and places the all-reduce, once per micro-batch); the same numbers either way.
+    train.parallelism = "shard_map"
     # Clip gradients to this global norm (0 disables clipping).
     train.grad_clip = 1.0
     # Print and log metrics every this many steps.
@@ -189,6 +193,9 @@ NUMERIC_RANGES = {
     "train.process_id": at_least(0),
 }
 CHOICES = {
+    "model.pos_embedding": POS_EMBEDDINGS, "model.activation": tuple(ACTIVATIONS), "model.dtype": tuple(DTYPES),
+    "model.attention": ATTENTIONS,
+    "train.parallelism": ("shard_map", "jit"),
     "data.source": ("text", "tfds", "hf", "python_docs"),
     "data.txt_documents": ("file", "blank_lines"),
     "data.utf8_errors": ("strict", "replace"),
@@ -196,18 +203,22 @@ CHOICES = {
 SOURCES_THAT_READ_PATH = ("text", "hf")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises a UserError naming the first key whose value is out of its allowed range (or of the wrong type)."""
-    for key, (ok, allowed) in NUMERIC_RANGES.items():
-        group, name = key.split(".")
-        value = config[group][name]
+def check_value(key: str, value) -> None:
+    """Raises a UserError if `value` is outside the NUMERIC_RANGES or CHOICES entry of 'group.key' (if it has one)."""
+    if key in NUMERIC_RANGES:
+        ok, allowed = NUMERIC_RANGES[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
             kind = "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a number"
             raise UserError(f"{key}={value!r} is out of range: it must be {kind} {allowed}")
-    for key, allowed in CHOICES.items():
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"{key}={value!r} is not one of {CHOICES[key]}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises a UserError naming the first key whose value is out of its allowed range (or of the wrong type)."""
+    for key in (*NUMERIC_RANGES, *CHOICES):
         group, name = key.split(".")
-        if config[group][name] not in allowed:
-            raise UserError(f"{key}={config[group][name]!r} is not one of {allowed}")
+        check_value(key, config[group][name])
     train, data = config.train, config.data
     if train.process_id >= train.num_processes:
         raise UserError(f"train.process_id={train.process_id} must be below train.num_processes="
@@ -221,7 +232,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if data.path and data.source not in SOURCES_THAT_READ_PATH:
         raise UserError(f"data.path={data.path!r} is set but data.source={data.source!r} does not read it; add "
                         f"--config.data.source=text to train on those files")
-    ModelConfig.from_config(config.model)  # its own checks: divisibility, known names
+    build_model_config(config.model)  # the shape rules between model keys
+
+
+def build_model_config(model: Mapping[str, Any]) -> ModelConfig:
+    """The checked ModelConfig of an experiment's `model` group (a ConfigDict, or the dict a checkpoint records).
+
+    Each value must be in its range of NUMERIC_RANGES / CHOICES, and the shape rules between keys must hold, or a
+    UserError names the key and the fix.
+    """
+    fields = dict(model)
+    unknown = sorted(set(fields) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise UserError(f"unknown model config key(s) {unknown}; valid keys are "
+                        f"{sorted(ModelConfig.__dataclass_fields__)}")
+    for name, value in fields.items():
+        check_value(f"model.{name}", value)
+    cfg = ModelConfig(**fields)
+    if cfg.d_model % cfg.n_head:
+        raise UserError(f"model.d_model={cfg.d_model} is not divisible by model.n_head={cfg.n_head}; "
+                        f"pick n_head among the divisors of d_model")
+    if cfg.pos_embedding == "rope" and cfg.head_dim % 2:
+        raise UserError(f"rope needs an even head size, but d_model / n_head = {cfg.head_dim}")
+    if cfg.pos_embedding == "sinusoidal" and cfg.d_model % 2:
+        raise UserError(f"sinusoidal positions need an even d_model, got {cfg.d_model}")
+    return cfg
 
 
 def key_comments() -> dict[str, str]:

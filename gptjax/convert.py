@@ -20,7 +20,7 @@ from absl import flags
 
 from gptjax import checkpoints, cli
 from gptjax import train_step as steps_lib
-from gptjax.configs import base_config
+from gptjax.configs import base_config, build_model_config
 from gptjax.errors import UserError, check_workdir
 from gptjax.model import ModelConfig, count_params
 from gptjax.tokenizer import END_OF_TEXT_ID
@@ -101,7 +101,7 @@ def convert(hf_dir: str, workdir: str) -> dict:
     config = base_config()
     config.model.update(gpt2_model_config(hf_config))
     config.data.seq_len = config.model.max_len
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
 
     fresh = steps_lib.create_train_state(model_config, steps_lib.make_optimizer(config.train, 1), seed=0)
     params = gpt2_params(state, model_config)

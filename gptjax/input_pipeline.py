@@ -230,8 +230,8 @@ def download_and_prepare_tfds(builder, data) -> None:
     import socket
 
     root = str(builder.data_dir_root)
-    fixes = (f"go online once (the first run downloads and prepares it), point data.data_dir at a directory where "
-             f"it is prepared, or train on local files (--config.data.source=text --config.data.path=...)")
+    fixes = ("go online once (the first run downloads and prepares it), point data.data_dir at a directory where "
+             "it is prepared, or train on local files (--config.data.source=text --config.data.path=...)")
     if type(builder).__module__.startswith("tensorflow_datasets."):  # catalog datasets download; local ones build
         try:
             socket.create_connection(TFDS_DOWNLOAD_HOST, timeout=5).close()

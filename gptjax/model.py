@@ -7,15 +7,20 @@ The defaults are the seed's design: fixed sinusoidal positions (Vaswani et al. 2
 multi-head scaled dot-product causal attention. Variations are switches of the same modules: learned positions +
 tanh-GELU + biases + tied output is exactly GPT-2's layout; `pos_embedding='rope'` rotates queries and keys instead.
 
-Shapes in names and comments use B = batch, T = query length, S = key length, D = d_model, N = heads,
-H = head size (D / N), F = d_ff, V = padded vocabulary.
+Shape legend, used in names (`x_BxTxD`) and comments across gptjax:
+    B  batch rows (sequences)             T  tokens per row (query length)      T1  T + 1 (inputs plus next target)
+    S  key positions (cache slots)        D  d_model                            N   attention heads (only heads)
+    H  head size, D / N                   F  d_ff, the MLP's hidden width       V   padded vocabulary size
+    A  micro-batches in one step          b  rows per device (B / devices)      P   prompt length
+    L  sample buffer (prompt + new)       Q  queries in an attention block      M   tokens of a flattened batch (B T)
+    C  chunks of c tokens                 Half  H / 2 (RoPE) or D / 2 (the sinusoidal table)
+    1  a dimension of size 1              a leading x (`logits_xV`): any leading dimensions
 
-This file is the textbook path. On a CPU, training runs attention through a kernel that computes the same numbers
-faster (gptjax/kernels/attention.py, chosen in gptjax/kernels/__init__.py).
+This file is the textbook path. Where a backend has a faster way to compute the same numbers, the choice is made in
+gptjax/kernels/__init__.py; here it is one `if`.
 """
 
 import functools
-from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -24,7 +29,6 @@ import numpy as np
 from flax import struct
 
 from gptjax import kernels
-from gptjax.errors import UserError
 
 POS_EMBEDDINGS = ("sinusoidal", "learned", "rope")
 ATTENTIONS = ("auto", "xla", "chunked")
@@ -38,7 +42,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @struct.dataclass
 class ModelConfig:
-    """The model's hyper-parameters: frozen and hashable, so it can be a static argument of a jitted function."""
+    """The model's hyper-parameters: frozen and hashable, so it can be a static argument of a jitted function.
+    Build one from an experiment config with `gptjax.configs.model_config`, which checks the values."""
 
     vocab_size: int = 50257  # GPT-2's BPE vocabulary
     max_len: int = 256  # context window in tokens
@@ -69,37 +74,6 @@ class ModelConfig:
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
-    @classmethod
-    def from_config(cls, model_config: Mapping[str, Any]) -> "ModelConfig":
-        """Builds and checks a ModelConfig from the experiment config's `model` group (a ConfigDict or dict)."""
-        fields = dict(model_config)
-        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise UserError(f"unknown model config key(s) {unknown}; valid keys are {sorted(cls.__dataclass_fields__)}")
-        cfg = cls(**fields)
-        checks = [
-            (cfg.d_model % cfg.n_head == 0,
-             f"model.d_model={cfg.d_model} is not divisible by model.n_head={cfg.n_head}; "
-             f"pick n_head among the divisors of d_model"),
-            (cfg.pos_embedding in POS_EMBEDDINGS,
-             f"model.pos_embedding={cfg.pos_embedding!r} is not one of {POS_EMBEDDINGS}"),
-            (cfg.activation in ACTIVATIONS,
-             f"model.activation={cfg.activation!r} is not one of {tuple(ACTIVATIONS)}"),
-            (cfg.dtype in DTYPES, f"model.dtype={cfg.dtype!r} is not one of {tuple(DTYPES)}"),
-            (cfg.attention in ATTENTIONS, f"model.attention={cfg.attention!r} is not one of {ATTENTIONS}"),
-            (min(cfg.vocab_size, cfg.max_len, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff, cfg.vocab_multiple) > 0,
-             "model sizes (vocab_size, max_len, n_layer, n_head, d_model, d_ff, vocab_multiple) must be positive"),
-            (0.0 <= cfg.dropout < 1.0, f"model.dropout={cfg.dropout} must be in [0, 1)"),
-            (cfg.pos_embedding != "rope" or cfg.head_dim % 2 == 0,
-             f"rope needs an even head size, but d_model / n_head = {cfg.head_dim}"),
-            (cfg.pos_embedding != "sinusoidal" or cfg.d_model % 2 == 0,
-             f"sinusoidal positions need an even d_model, got {cfg.d_model}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        return cfg
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Positions
@@ -108,8 +82,8 @@ class ModelConfig:
 def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
     """The fixed table of Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/D)), PE[p, 2i+1] = cos(same)."""
     position_Tx1 = np.arange(max_len, dtype=np.float64)[:, None]
-    inv_freq_half = 1.0 / 10000.0 ** (np.arange(0, d_model, 2, dtype=np.float64) / d_model)
-    angle_TxHalf = position_Tx1 * inv_freq_half[None, :]
+    inv_freq_Half = 1.0 / 10000.0 ** (np.arange(0, d_model, 2, dtype=np.float64) / d_model)
+    angle_TxHalf = position_Tx1 * inv_freq_Half[None, :]
     table_TxD = np.zeros((max_len, d_model), dtype=np.float32)
     table_TxD[:, 0::2] = np.sin(angle_TxHalf)
     table_TxD[:, 1::2] = np.cos(angle_TxHalf)
@@ -119,13 +93,11 @@ def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
 def apply_rope(x_BxTxNxH: jax.Array, positions_T: jax.Array, base: float) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), 'rotate half' form: pairs are (x[i], x[i + H/2])."""
     half = x_BxTxNxH.shape[-1] // 2
-    inv_freq = 1.0 / base ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angle_TxHalf = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    cos = jnp.cos(angle_TxHalf)[None, :, None, :]  # [1, T, 1, H/2]
-    sin = jnp.sin(angle_TxHalf)[None, :, None, :]
+    inv_freq_Half = 1.0 / base ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angle_TxHalf = positions_T.astype(jnp.float32)[:, None] * inv_freq_Half[None, :]
+    cos, sin = jnp.cos(angle_TxHalf)[None, :, None, :], jnp.sin(angle_TxHalf)[None, :, None, :]  # [1, T, 1, Half]
     x1, x2 = x_BxTxNxH[..., :half].astype(jnp.float32), x_BxTxNxH[..., half:].astype(jnp.float32)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BxTxNxH.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,25 +116,14 @@ def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
                         param_dtype=jnp.float32, name=name)
 
 
-def causal_mask(query_positions_T: jax.Array, key_length: int) -> jax.Array:
-    """[1, 1, T, S] boolean: a query at absolute position p may attend to keys at positions 0..p."""
-    return (jnp.arange(key_length)[None, :] <= query_positions_T[:, None])[None, None]
-
-
 def attention_scores(q_BxNxTxH, k_BxNxSxH, query_positions_T: jax.Array) -> jax.Array:
-    """float32 [B, N, T, S]: q.k / sqrt(H) for every query and key (heads-major inputs), with the future set to the
-    most negative float: keys sit at positions 0..S-1, queries at `query_positions_T`."""
+    """float32 [B, N, T, S]: q.k / sqrt(H) for queries at `query_positions_T` and keys at 0..S-1 (heads-major inputs),
+    the causal mask setting a key after its query to the most negative float."""
     S, H = k_BxNxSxH.shape[2], q_BxNxTxH.shape[-1]
     scores_BxNxTxS = jnp.einsum("bnth,bnsh->bnts", q_BxNxTxH, k_BxNxSxH,
                                 preferred_element_type=jnp.float32) / np.sqrt(H)
-    return jnp.where(causal_mask(query_positions_T, S), scores_BxNxTxS, jnp.finfo(jnp.float32).min)
-
-
-def cached_attention(q_BxTxNxH, k_BxNxSxH, v_BxNxSxH, positions_T) -> jax.Array:
-    """T new queries at absolute `positions_T` attend over a KV cache of S slots; empty future slots are masked."""
-    scores_BxNxTxS = attention_scores(jnp.swapaxes(q_BxTxNxH, 1, 2), k_BxNxSxH, positions_T)
-    probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(v_BxNxSxH.dtype)
-    return jnp.einsum("bnts,bnsh->btnh", probs_BxNxTxS, v_BxNxSxH)
+    causal_mask_TxS = jnp.arange(S)[None, :] <= query_positions_T[:, None]
+    return jnp.where(causal_mask_TxS, scores_BxNxTxS, jnp.finfo(jnp.float32).min)
 
 
 class CausalSelfAttention(nn.Module):
@@ -178,38 +139,38 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x_BxTxD, positions_T, *, decode: bool = False):
         cfg = self.config
         B, T, D = x_BxTxD.shape
-        N, H = cfg.n_head, cfg.head_dim
         qkv_BxTx3D = dense(cfg, 3 * D, "qkv")(x_BxTxD)  # one matmul for queries, keys and values, as GPT-2's c_attn
-        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (a.reshape(B, T, cfg.n_head, cfg.head_dim)
+                                           for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
         if cfg.pos_embedding == "rope":
             q_BxTxNxH = apply_rope(q_BxTxNxH, positions_T, cfg.rope_base)
             k_BxTxNxH = apply_rope(k_BxTxNxH, positions_T, cfg.rope_base)
 
-        has_cache = decode and self.has_variable("cache", "key")  # False in `init`, which creates the cache
         if decode:
-            # The cache is heads-major, [B, N, max_len, H]: the attention dots read it as it is, where a
-            # [B, max_len, N, H] cache would be transposed whole at every decoding step.
-            shape, dtype = (B, N, cfg.max_len, H), k_BxTxNxH.dtype
-            cached_key = self.variable("cache", "key", jnp.zeros, shape, dtype)
-            cached_value = self.variable("cache", "value", jnp.zeros, shape, dtype)
-        if has_cache:
-            # Write this call's keys/values at their absolute positions, then attend over the whole cache.
-            # The start is clamped here because jax-metal does not clamp dynamic_update_slice as XLA does;
-            # gptjax.sampling never asks to write past the window.
-            start = jnp.clip(positions_T[0], 0, cfg.max_len - T)
-            cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, jnp.swapaxes(k_BxTxNxH, 1, 2),
-                                                            (0, 0, start, 0))
-            cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, jnp.swapaxes(v_BxTxNxH, 1, 2),
-                                                              (0, 0, start, 0))
-            y_BxTxNxH = cached_attention(q_BxTxNxH, cached_key.value, cached_value.value, positions_T)
-        else:
-            if kernels.attention_kernel(cfg.attention) == "xla":
-                y_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
-            else:  # the same numbers, faster on a CPU: see gptjax/kernels/attention.py
-                y_BxTxNxH = kernels.chunked_causal_attention(
-                    q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kernels.sequences_per_attention_chunk(B, N, T), query_block=64)
-
+            y_BxTxNxH = self.cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, positions_T)
+        elif kernels.attention_kernel(cfg.attention) == "xla":
+            y_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
+        else:  # the same numbers, faster on a CPU: see gptjax/kernels/attention.py
+            y_BxTxNxH = kernels.causal_attention_for_cpu(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
         return dense(cfg, D, "proj", residual=True)(y_BxTxNxH.reshape(B, T, D))
+
+    def cached_attention(self, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, positions_T):
+        """Writes this call's keys and values into the cache at their absolute positions, then lets the T new queries
+        attend over all S = max_len slots; slots after a query (still empty) are masked."""
+        B, T, N, H = k_BxTxNxH.shape
+        # Heads-major, [B, N, S, H]: the attention dots read it as it is; a [B, S, N, H] cache would be transposed
+        # whole at every decoding step.
+        key = self.variable("cache", "key", jnp.zeros, (B, N, self.config.max_len, H), k_BxTxNxH.dtype)
+        value = self.variable("cache", "value", jnp.zeros, (B, N, self.config.max_len, H), v_BxTxNxH.dtype)
+        if not self.is_initializing():  # `init` only creates the (empty) cache
+            # Clamped because jax-metal does not clamp dynamic_update_slice as XLA does; gptjax.sampling never asks
+            # to write past the window.
+            start = jnp.clip(positions_T[0], 0, self.config.max_len - T)
+            key.value = jax.lax.dynamic_update_slice(key.value, jnp.swapaxes(k_BxTxNxH, 1, 2), (0, 0, start, 0))
+            value.value = jax.lax.dynamic_update_slice(value.value, jnp.swapaxes(v_BxTxNxH, 1, 2), (0, 0, start, 0))
+        scores_BxNxTxS = attention_scores(jnp.swapaxes(q_BxTxNxH, 1, 2), key.value, positions_T)
+        probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(value.value.dtype)
+        return jnp.einsum("bnts,bnsh->btnh", probs_BxNxTxS, value.value)
 
 
 class MLP(nn.Module):
@@ -242,8 +203,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """The decoder-only language model.
 
-    `GPT(cfg).apply({'params': params}, tokens_BxT)` returns float32 logits [B, T, padded_vocab_size]; the padding
-    entries (ids >= vocab_size) are set to a huge negative number, so they never win a softmax or an argmax.
+    `GPT(cfg).apply({'params': params}, tokens_BxT)` returns float32 logits [B, T, V]; the padding entries
+    (ids >= vocab_size) are set to the most negative float, so they never win a softmax or an argmax.
     `positions_T` defaults to 0..T-1; the sampler passes the absolute positions of the tokens it feeds.
     """
 
@@ -251,8 +212,13 @@ class GPT(nn.Module):
 
     def setup(self):
         cfg = self.config
+        # With the fixed sinusoidal table, Vaswani et al.'s recipe: embeddings drawn N(0, 1/D), multiplied by sqrt(D)
+        # on the way in (hidden_states). Token vectors then enter with RMS 1 beside the table's 0.71, and the tied
+        # output layer still sees N(0, 1/D) weights (logits of std ~1 at init). Learned and rotary positions keep
+        # GPT-2's N(0, 0.02) and no multiplier. Measured against the alternatives: see README, "Embedding scale".
+        embedding_std = cfg.d_model ** -0.5 if cfg.pos_embedding == "sinusoidal" else 0.02
         self.token_embedding = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                                        param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))
+                                        param_dtype=jnp.float32, embedding_init=nn.initializers.normal(embedding_std))
         if cfg.pos_embedding == "learned":
             self.position_embedding = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
                                                param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.01))
@@ -274,7 +240,7 @@ class GPT(nn.Module):
             positions_T = jnp.arange(tokens_BxT.shape[1])
         x_BxTxD = self.token_embedding(tokens_BxT)
         if cfg.pos_embedding == "sinusoidal":
-            # Vaswani et al. scale the embeddings by sqrt(D) so the fixed table does not drown them out.
+            # sqrt(D) x N(0, 1/D) token vectors (RMS 1) + the fixed table (RMS 0.71): neither drowns the other.
             table_TxD = jnp.asarray(sinusoidal_positions(cfg.max_len, cfg.d_model))[positions_T]
             x_BxTxD = x_BxTxD * np.sqrt(cfg.d_model) + table_TxD.astype(x_BxTxD.dtype)[None]
         elif cfg.pos_embedding == "learned":
@@ -286,18 +252,17 @@ class GPT(nn.Module):
 
     def output_logits(self, hidden_BxTxD):
         """[B, T, D] -> float32 logits [B, T, V], padded vocabulary entries masked out."""
-        cfg = self.config
-        if cfg.tie_embeddings:
+        if self.config.tie_embeddings:
             logits_BxTxV = self.token_embedding.attend(hidden_BxTxD)
         else:
             logits_BxTxV = self.lm_head(hidden_BxTxD)
-        return mask_padded_vocab(logits_BxTxV.astype(jnp.float32), cfg.vocab_size)
+        return mask_padded_vocab(logits_BxTxV.astype(jnp.float32), self.config.vocab_size)
 
 
 def mask_padded_vocab(logits_xV: jax.Array, vocab_size: int) -> jax.Array:
     """Sets logits of the padding ids (>= vocab_size) to the most negative float, so their probability is 0."""
-    is_real = jnp.arange(logits_xV.shape[-1]) < vocab_size
-    return jnp.where(is_real, logits_xV, jnp.finfo(logits_xV.dtype).min)
+    is_real_V = jnp.arange(logits_xV.shape[-1]) < vocab_size
+    return jnp.where(is_real_V, logits_xV, jnp.finfo(logits_xV.dtype).min)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,33 +272,3 @@ def mask_padded_vocab(logits_xV: jax.Array, vocab_size: int) -> jax.Array:
 def count_params(params) -> int:
     """Number of scalars in a parameter tree (a tied embedding is one array, so it counts once)."""
     return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """The same count as `count_params(GPT(cfg).init(...))`, from the config alone (used for sizing runs)."""
-    D, F, L, V = cfg.d_model, cfg.d_ff, cfg.n_layer, cfg.padded_vocab_size
-    bias = 1 if cfg.use_bias else 0
-    layer_norm_params = D * (1 + bias)
-    per_block = (D * 3 * D + bias * 3 * D) + (D * D + bias * D)  # attention: qkv + output projection
-    per_block += (D * F + bias * F) + (F * D + bias * D)  # MLP
-    per_block += 2 * layer_norm_params
-    total = L * per_block + layer_norm_params + V * D  # blocks, final LayerNorm, token embedding
-    if cfg.pos_embedding == "learned":
-        total += cfg.max_len * D
-    if not cfg.tie_embeddings:
-        total += D * V
-    return total
-
-
-def flops_per_token(cfg: ModelConfig) -> int:
-    """Training FLOPs per token, forward + backward: 6 N + 12 L T D (PaLM appendix B, as nanoGPT's MFU).
-
-    N counts the parameters that take part in matmuls: table lookups (learned positions, and the input embedding
-    when it is not tied to the output layer) are left out.
-    """
-    n_matmul = param_count(cfg)
-    if cfg.pos_embedding == "learned":
-        n_matmul -= cfg.max_len * cfg.d_model
-    if not cfg.tie_embeddings:
-        n_matmul -= cfg.padded_vocab_size * cfg.d_model
-    return 6 * n_matmul + 12 * cfg.n_layer * cfg.max_len * cfg.d_model

@@ -92,8 +92,8 @@ def decode_chunk(params, state: DecodeState, *, model_config: ModelConfig, chunk
     def refill_window(state, token_B):
         del token_B  # already in tokens_BxL, the last of the `keep` tokens re-read here
         start = state.length - keep
-        window_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxL, start, keep, axis=1)
-        logits_BxV, cache = prefill(params, model_config, window_BxK)
+        window_BxP = jax.lax.dynamic_slice_in_dim(state.tokens_BxL, start, keep, axis=1)
+        logits_BxV, cache = prefill(params, model_config, window_BxP)
         return logits_BxV, cache, jnp.asarray(keep, state.cache_position.dtype)
 
     def step(state: DecodeState, _):

@@ -14,13 +14,41 @@ import json
 import math
 
 from gptjax import cli
-from gptjax.configs import load_config_file, validate
+from gptjax.configs import build_model_config, load_config_file, validate
 from gptjax.errors import exit_on_user_error
-from gptjax.model import ModelConfig, flops_per_token, param_count
+from gptjax.model import ModelConfig
 
 # Hoffmann et al. 2022, section 3.3 / appendix D.2: the parametric fit of approach 3.
 CHINCHILLA_FIT = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 TOKENS_PER_PARAMETER = 20.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model size and cost from a config alone
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """The same count as `count_params(GPT(cfg).init(...))`, from the config alone (used for sizing runs)."""
+    D, F, V, bias = cfg.d_model, cfg.d_ff, cfg.padded_vocab_size, int(cfg.use_bias)
+    layer_norm_params = D * (1 + bias)
+    attention = (D * 3 * D + bias * 3 * D) + (D * D + bias * D)  # qkv + output projection
+    mlp = (D * F + bias * F) + (F * D + bias * D)
+    total = cfg.n_layer * (attention + mlp + 2 * layer_norm_params) + layer_norm_params + V * D  # + ln_f, embedding
+    total += cfg.max_len * D if cfg.pos_embedding == "learned" else 0
+    return total + (0 if cfg.tie_embeddings else D * V)
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    """Training FLOPs per token, forward + backward: 6 (matmul parameters) + 12 n_layer T D (PaLM appendix B, as
+    nanoGPT's MFU). Table lookups (learned positions, an untied input embedding) are not matmuls, so not counted."""
+    n_matmul = param_count(cfg)
+    n_matmul -= cfg.max_len * cfg.d_model if cfg.pos_embedding == "learned" else 0
+    n_matmul -= 0 if cfg.tie_embeddings else cfg.padded_vocab_size * cfg.d_model
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.max_len * cfg.d_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compute-optimal sizes
 
 
 def twenty_tokens_rule(flops: float) -> tuple[float, float]:
@@ -66,7 +94,7 @@ def planned_steps(config, model_config: ModelConfig) -> int:
 
 def projection(config, device_flops: float, mfu: float) -> dict:
     """An experiment's size and the hours it takes on a device of `device_flops` peak FLOP/s at `mfu` of it."""
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
     steps = planned_steps(config, model_config)
     tokens = steps * config.train.batch_size * config.data.seq_len
     flops = tokens * flops_per_token(model_config)

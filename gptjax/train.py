@@ -5,6 +5,9 @@ step, hence schedule and data position). `train_and_evaluate(config, workdir)` i
 tests run exactly what the command runs, on a shrunken config.
 """
 
+import contextlib
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -12,22 +15,23 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 from absl import flags
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 from tqdm import tqdm
 
 from gptjax import checkpoints, cli, hardware, input_pipeline, kernels, sampling
 from gptjax.evaluate import evaluate_loss
 from gptjax import train_step as steps_lib
-from gptjax.configs import define_config_flag, validate
+from gptjax.configs import build_model_config, define_config_flag, validate
 from gptjax.errors import UserError, check_workdir
-from gptjax.model import ModelConfig, flops_per_token, param_count
-from gptjax.scaling import planned_steps
+from gptjax.model import ModelConfig
+from gptjax.scaling import flops_per_token, param_count, planned_steps
 from gptjax.tokenizer import load_tokenizer
 
 
@@ -199,23 +203,64 @@ def check_evaluation_data(config: ml_collections.ConfigDict, cache: input_pipeli
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The job
+# The job, in named pieces: set_up -> initial_state -> print_plan -> train_loop (-> report, save, save_on_interrupt)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the pieces of the job share, built once by `set_up`. The train state is not here: it is passed in and
+    out explicitly, as the train step does."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    model_config: ModelConfig
+    cache: input_pipeline.TokenCache
+    tokenizer: Any
+    evaluate: bool  # whether held-out evaluation runs (see check_evaluation_data)
+    total_steps: int
+    mesh: Mesh
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule  # the optimizer's learning rate by step, for the logs
+    state_sharding: Any  # a NamedSharding per leaf of the train state
+    manager: Any  # the Orbax CheckpointManager of workdir
+    is_chief: bool  # process 0, which prints, logs and samples
+
+    @functools.cached_property
+    def peak(self) -> tuple[float, str]:
+        """(peak FLOP/s of one device, where it comes from), for MFU; measured on first use if no datasheet has it."""
+        return hardware.peak_flops_per_device(self.model_config.dtype, self.config.train.peak_flops)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
     """Trains (or resumes) the configured run in `workdir`; returns the last logged metrics."""
+    run = set_up(config, workdir)
+    state, last = initial_state(run)
+    start_step, train = int(state.step), config.train
+    end_step = min(run.total_steps, train.stop_at_step) if train.stop_at_step > 0 else run.total_steps
+    if start_step >= end_step:
+        if run.is_chief:
+            print(f"The run in {workdir} is already at step {start_step} of {run.total_steps}: nothing to do. To "
+                  f"train longer, raise --config.train.steps (the learning-rate schedule then stretches to the new "
+                  f"end) or start a fresh --workdir")
+        run.manager.close()
+        return {"step": start_step, "total_steps": run.total_steps, **last}
+    print_plan(run, start_step)
+    step, last = train_loop(run, state, last, start_step, end_step, progress)
+    return {"step": step, "total_steps": run.total_steps, **last}
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Checks the config and the workdir, joins the other processes, prepares the token cache, plans the steps.
+    Every check that can fail runs here, before the first step."""
     validate(config)
     check_workdir(workdir)
     train, data = config.train, config.data
     hardware.select_platform(train.platform)
     maybe_initialize_distributed(train)
-    model_config = ModelConfig.from_config(config.model)
-    is_chief = jax.process_index() == 0
+    model_config = build_model_config(config.model)
     os.makedirs(workdir, exist_ok=True)
-
     cache = prepare_data(config, workdir)
-    train_stream, eval_stream = cache.stream("train"), cache.stream("validation")
-    input_pipeline.check_enough_tokens(train_stream, data.seq_len, "train")
+    input_pipeline.check_enough_tokens(cache.stream("train"), data.seq_len, "train")
     evaluate = check_evaluation_data(config, cache)
     tokenizer = load_tokenizer(data.tokenizer)
     if len(tokenizer) > model_config.vocab_size:
@@ -224,143 +269,187 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     total_steps = planned_steps(config, model_config)
     mesh = steps_lib.data_mesh()
     check_batch_layout(train, mesh.size, jax.process_count())
-
-    # State: fresh from the seed, then replaced by the latest checkpoint if the workdir has one.
     optimizer = steps_lib.make_optimizer(train, total_steps)
     abstract_state = jax.eval_shape(lambda: steps_lib.create_train_state(model_config, optimizer, train.seed))
-    state_sharding = steps_lib.replicated_sharding(abstract_state, mesh)
-    state = jax.jit(lambda: steps_lib.create_train_state(model_config, optimizer, train.seed),
-                    out_shardings=state_sharding)()
-    manager = checkpoints.make_manager(workdir, keep=train.keep_checkpoints, async_save=train.async_checkpoints)
-    restored = checkpoints.restore_latest(manager, workdir, config.model.to_dict(), state.params, state.opt_state)
-    last, changed = {}, []  # the last logged metrics; model keys that differ from the checkpoint's, allowed
+    return Run(config=config, workdir=workdir, model_config=model_config, cache=cache, tokenizer=tokenizer,
+               evaluate=evaluate, total_steps=total_steps, mesh=mesh, optimizer=optimizer,
+               schedule=steps_lib.learning_rate_schedule(train, total_steps),
+               state_sharding=steps_lib.replicated_sharding(abstract_state, mesh),
+               manager=checkpoints.make_manager(workdir, keep=train.keep_checkpoints,
+                                                async_save=train.async_checkpoints),
+               is_chief=jax.process_index() == 0)
+
+
+def initial_state(run: Run) -> tuple[steps_lib.TrainState, dict]:
+    """(state, last logged metrics): the latest checkpoint of the workdir if it has one; else fresh from the seed,
+    with train.init_from's parameters when fine-tuning."""
+    config, train = run.config, run.config.train
+    state = jax.jit(lambda: steps_lib.create_train_state(run.model_config, run.optimizer, train.seed),
+                    out_shardings=run.state_sharding)()
+    restored = checkpoints.restore_latest(run.manager, run.workdir, config.model.to_dict(), state.params,
+                                          state.opt_state)
+    last, changed = {}, []  # model keys that differ from the checkpoint's, allowed
     if restored is not None:
         params, opt_state, meta = restored
         # The step as the same int32 array a fresh state has, so the first resumed step reuses the compiled step.
-        step = jax.device_put(np.asarray(meta["step"], np.int32), state_sharding.step)
+        step = jax.device_put(np.asarray(meta["step"], np.int32), run.state_sharding.step)
         state = state.replace(step=step, params=params, opt_state=opt_state)
         last = meta.get("metrics") or {}
-        check_same_data(meta, data_fingerprint(config, cache), train.accept_data_change)
-        changed = checkpoints.check_compatible(meta, config.model.to_dict(), workdir)
-        checkpoints.set_aside_newer(manager, workdir, meta["step"])  # damaged ones we are about to overwrite
+        check_same_data(meta, data_fingerprint(config, run.cache), train.accept_data_change)
+        changed = checkpoints.check_compatible(meta, config.model.to_dict(), run.workdir)
+        checkpoints.set_aside_newer(run.manager, run.workdir, meta["step"])  # damaged ones we are about to overwrite
     elif train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
         params, _, meta = checkpoints.load_for_inference(train.init_from)
         changed = checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)
-        state = state.replace(params=jax.device_put(params, state_sharding.params))
-    if changed and is_chief:
+        state = state.replace(params=jax.device_put(params, run.state_sharding.params))
+    if changed and run.is_chief:
         print(f"note     | the checkpoint's parameters are used with {'; '.join(changed)} (these may change)")
-    start_step = int(state.step)
-    end_step = min(total_steps, train.stop_at_step) if train.stop_at_step > 0 else total_steps
-    if start_step >= end_step:
-        if is_chief:
-            print(f"The run in {workdir} is already at step {start_step} of {total_steps}: nothing to do. To train "
-                  f"longer, raise --config.train.steps (the learning-rate schedule then stretches to the new end) "
-                  f"or start a fresh --workdir")
-        manager.close()
-        return {"step": start_step, "total_steps": total_steps, **last}
+    return state, last
 
-    tokens_per_step = train.batch_size * data.seq_len
-    model_flops = flops_per_token(model_config)
-    peak, peak_source = hardware.peak_flops_per_device(model_config.dtype, train.peak_flops)
-    num_windows = train_stream.num_windows(data.seq_len)
-    if is_chief:
-        devices = jax.devices()
-        print(f"devices  | {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
-              f"{jax.process_count()} process(es)")
-        print(f"model    | {param_count(model_config):,} parameters | {describe(model_flops, flops=True)} "
-              f"FLOPs/token (6N + 12LTD) | {model_config.n_layer} layers, d_model {model_config.d_model}, "
-              f"{model_config.pos_embedding} positions, {model_config.activation}")
-        print(f"data     | {input_pipeline.describe_source(data)} | train {cache.num_tokens('train'):,} tokens "
-              f"({num_windows:,} windows of {data.seq_len + 1}) | validation {cache.num_tokens('validation'):,} "
-              f"tokens")
-        planned_tokens = total_steps * tokens_per_step
-        print(f"budget   | {total_steps:,} steps x {tokens_per_step:,} tokens = {describe(planned_tokens)} tokens "
-              f"({planned_tokens / max(1, cache.num_tokens('train')):.2f} epochs), "
-              f"{describe(planned_tokens * model_flops, flops=True)}FLOPs | peak "
-              f"{describe(peak * mesh.size, flops=True)}FLOP/s ({peak_source})")
-        print(f"workdir  | {os.path.abspath(workdir)}" + (f" | resumed at step {start_step}" if start_step else ""))
 
-    step_fn = steps_lib.make_train_step(model_config, optimizer, mesh, state_sharding, train.seed,
+def print_plan(run: Run, start_step: int) -> None:
+    """The lines a user reads before the first step: devices, model, data, budget, workdir."""
+    if not run.is_chief:
+        return
+    cfg, data, cache = run.model_config, run.config.data, run.cache
+    model_flops, tokens_per_step = flops_per_token(cfg), run.config.train.batch_size * data.seq_len
+    peak, peak_source = run.peak
+    devices = jax.devices()
+    print(f"devices  | {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
+          f"{jax.process_count()} process(es)")
+    print(f"model    | {param_count(cfg):,} parameters | {describe(model_flops, flops=True)} FLOPs/token "
+          f"(6N + 12LTD) | {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.pos_embedding} positions, "
+          f"{cfg.activation}")
+    print(f"data     | {input_pipeline.describe_source(data)} | train {cache.num_tokens('train'):,} tokens "
+          f"({cache.stream('train').num_windows(data.seq_len):,} windows of {data.seq_len + 1}) | validation "
+          f"{cache.num_tokens('validation'):,} tokens")
+    planned_tokens = run.total_steps * tokens_per_step
+    print(f"budget   | {run.total_steps:,} steps x {tokens_per_step:,} tokens = {describe(planned_tokens)} tokens "
+          f"({planned_tokens / max(1, cache.num_tokens('train')):.2f} epochs), "
+          f"{describe(planned_tokens * model_flops, flops=True)}FLOPs | peak "
+          f"{describe(peak * run.mesh.size, flops=True)}FLOP/s ({peak_source})")
+    print(f"workdir  | {os.path.abspath(run.workdir)}" + (f" | resumed at step {start_step}" if start_step else ""))
+
+
+def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, progress: bool) -> tuple[int, dict]:
+    """Steps from start_step to end_step, with the periodic log / evaluation / checkpoint; (step reached, last
+    metrics). Ctrl-C or SIGTERM stops after the step in flight and saves it (see StopSignal)."""
+    train, data = run.config.train, run.config.data
+    step_fn = steps_lib.make_train_step(run.model_config, run.optimizer, run.mesh, run.state_sharding, train.seed,
                                         donate=hardware.supports_donation(),
-                                        loss_chunk=kernels.loss_chunk_tokens(train.loss_chunk_tokens))
-    eval_fn = steps_lib.make_eval_step(model_config, mesh, state_sharding.params)
-    schedule = steps_lib.learning_rate_schedule(train, total_steps)
-    micro = train.grad_accum_steps
-    local_rows = train.batch_size // jax.process_count()
-    batches = input_pipeline.train_batches(train_stream, data.seq_len, train.batch_size, train.seed, start_step,
-                                           jax.process_index(), jax.process_count())
-    log = MetricsLog(workdir, start_step, enabled=is_chief)
-    eval_batch = train.batch_size // micro
-
-    def meta_for(step: int, metrics: dict) -> dict:
-        return {"step": step, "config": config.to_dict(), "tokenizer": data.tokenizer,
-                "data_position": input_pipeline.data_position(step, train.batch_size, num_windows),
-                "data_fingerprint": data_fingerprint(config, cache),
-                "metrics": metrics}
-
-    def save(step: int, metrics: dict) -> None:
-        checkpoints.save(manager, step, state.params, state.opt_state, meta_for(step, metrics))
-
-    step = start_step
-    stop = StopSignal(announce=is_chief)
-    previous_handlers = ({signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-                         if is_main_thread() else {})
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and is_chief), unit="step",
+                                        loss_chunk=kernels.loss_chunk_tokens(train.loss_chunk_tokens),
+                                        parallelism=train.parallelism)
+    eval_fn = steps_lib.make_eval_step(run.model_config, run.mesh, run.state_sharding.params)
+    batches = input_pipeline.train_batches(run.cache.stream("train"), data.seq_len, train.batch_size, train.seed,
+                                           start_step, jax.process_index(), jax.process_count())
+    local_shape = (train.grad_accum_steps, train.batch_size // jax.process_count() // train.grad_accum_steps,
+                   data.seq_len + 1)  # [A, rows of this process, T1]
+    log = MetricsLog(run.workdir, start_step, enabled=run.is_chief)
+    bar = tqdm(total=run.total_steps, initial=start_step, disable=not (progress and run.is_chief), unit="step",
                dynamic_ncols=True)
-    clock, clock_step = None, start_step
-    try:
-        while step < end_step:
-            if stop.requested:
-                raise KeyboardInterrupt
-            local_batch = next(batches).reshape(micro, local_rows // micro, data.seq_len + 1)
-            state, metrics = step_fn(state, steps_lib.global_batch(local_batch, mesh, PartitionSpec(None, "data")))
-            step += 1
-            if clock is None:  # the first step compiled; time from here
-                jax.block_until_ready(metrics)
-                clock, clock_step = time.perf_counter(), step
-            is_last = step == end_step
-            log_now = step % train.log_every == 0 or is_last
-            eval_now = evaluate and (step % train.eval_every == 0 or is_last)
-            save_now = step % train.checkpoint_every == 0 or is_last
-            if not (log_now or eval_now or save_now):
+    speed, step = Speedometer(train.batch_size * data.seq_len), start_step
+    with stop_signals(announce=run.is_chief) as stop:
+        try:
+            while step < end_step:
+                if stop.requested:
+                    raise KeyboardInterrupt
+                batch_AxBxT1 = steps_lib.global_batch(next(batches).reshape(local_shape), run.mesh,
+                                                      PartitionSpec(None, "data"))
+                state, metrics = step_fn(state, batch_AxBxT1)
+                step += 1
+                speed.started(step, metrics)
+                log_now, eval_now, save_now = periodic_work(train, step, end_step, run.evaluate)
+                if log_now or eval_now or save_now:
+                    last = report(run, state, metrics, step, speed, eval_fn, eval_now, bar)
+                    log.write(step, last)
+                    if save_now:
+                        save(run, state, step, last)
+                    speed.restart(step)  # evaluation and saving do not count against speed
                 bar.update(1)
-                continue
-            loss = float(metrics["loss"])
-            if not (math.isfinite(loss) and bool(metrics["update_is_finite"])):
-                raise UserError(f"the loss or parameters became NaN/inf at step {step} (loss {loss}); stopped "
-                                f"without saving, the last good "
-                                f"checkpoint is kept in {checkpoints.checkpoint_dir(workdir)}. Lower "
-                                f"train.learning_rate or set train.grad_clip, then rerun to resume")
-            now = time.perf_counter()
-            tokens_per_second = (step - clock_step) * tokens_per_step / (now - clock) if step > clock_step else 0.0
-            last = {"loss": loss, "learning_rate": float(schedule(step - 1)),
-                    "grad_norm": float(metrics["grad_norm"]), "tokens_per_second": tokens_per_second,
-                    "mfu": tokens_per_second * model_flops / (peak * mesh.size)}
-            if eval_now:
-                last.update(evaluate_loss(state.params, eval_fn, eval_stream, data.seq_len, eval_batch,
-                                          train.eval_steps, mesh))
-                if is_chief and jax.process_count() == 1:
-                    text = sample_text(state.params, model_config, tokenizer, train.seed + step)
-                    bar.write(f"step {step}: eval loss {last['eval_loss']:.4f} (perplexity "
-                              f"{last['eval_perplexity']:.1f}) | sample: {text!r}")
-            log.write(step, last)
-            if save_now:
-                save(step, last)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['learning_rate']:.2e}",
-                            tok_s=f"{tokens_per_second:,.0f}", mfu=hardware.format_mfu(last["mfu"]))
-            bar.update(1)
-            clock, clock_step = time.perf_counter(), step  # evaluation and saving do not count against speed
-    except KeyboardInterrupt:
-        bar.close()
-        save_on_interrupt(state, start_step, manager, save, last, workdir, is_chief)
-        raise RunInterrupted from None
+        except KeyboardInterrupt:
+            bar.close()
+            save_on_interrupt(state, start_step, run.manager, lambda at, metrics: save(run, state, at, metrics), last,
+                              run.workdir, run.is_chief)
+            raise RunInterrupted from None
+        finally:
+            bar.close()
+            batches.close()
+            run.manager.wait_until_finished()
+    return step, last
+
+
+def periodic_work(train: ml_collections.ConfigDict, step: int, end_step: int, evaluate: bool) -> tuple[bool, ...]:
+    """(log, evaluate, save) due after `step`: every log_every / eval_every / checkpoint_every steps, and at the end."""
+    is_last = step == end_step
+    return (step % train.log_every == 0 or is_last, evaluate and (step % train.eval_every == 0 or is_last),
+            step % train.checkpoint_every == 0 or is_last)
+
+
+def report(run: Run, state, metrics: dict, step: int, speed: "Speedometer", eval_fn, evaluate: bool, bar) -> dict:
+    """The metrics of `step` as Python numbers (held-out loss and a sample too, when `evaluate`); refuses a NaN."""
+    train, data = run.config.train, run.config.data
+    loss = float(metrics["loss"])  # waits for the step: the clock reads after it
+    tokens_per_second = speed.tokens_per_second(step)
+    if not (math.isfinite(loss) and bool(metrics["update_is_finite"])):
+        raise UserError(f"the loss or parameters became NaN/inf at step {step} (loss {loss}); stopped without saving, "
+                        f"the last good checkpoint is kept in {checkpoints.checkpoint_dir(run.workdir)}. Lower "
+                        f"train.learning_rate or set train.grad_clip, then rerun to resume")
+    last = {"loss": loss, "learning_rate": float(run.schedule(step - 1)), "grad_norm": float(metrics["grad_norm"]),
+            "tokens_per_second": tokens_per_second,
+            "mfu": tokens_per_second * flops_per_token(run.model_config) / (run.peak[0] * run.mesh.size)}
+    if evaluate:
+        last.update(evaluate_loss(state.params, eval_fn, run.cache.stream("validation"), data.seq_len,
+                                  train.batch_size // train.grad_accum_steps, train.eval_steps, run.mesh))
+        if run.is_chief and jax.process_count() == 1:
+            text = sample_text(state.params, run.model_config, run.tokenizer, train.seed + step)
+            bar.write(f"step {step}: eval loss {last['eval_loss']:.4f} (perplexity {last['eval_perplexity']:.1f}) | "
+                      f"sample: {text!r}")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tokens_per_second:,.0f}",
+                    mfu=hardware.format_mfu(last["mfu"]))
+    return last
+
+
+def save(run: Run, state, step: int, metrics: dict) -> None:
+    """A checkpoint of `state` at `step`, with what a resume checks: the config, the data position and fingerprint."""
+    config = run.config
+    num_windows = run.cache.stream("train").num_windows(config.data.seq_len)
+    meta = {"step": step, "config": config.to_dict(), "tokenizer": config.data.tokenizer,
+            "data_position": input_pipeline.data_position(step, config.train.batch_size, num_windows),
+            "data_fingerprint": data_fingerprint(config, run.cache), "metrics": metrics}
+    checkpoints.save(run.manager, step, state.params, state.opt_state, meta)
+
+
+class Speedometer:
+    """Training tokens per second, from the end of the first (compiling) step, restarted after evaluations."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.clock, self.clock_step = None, 0
+
+    def started(self, step: int, metrics) -> None:
+        if self.clock is None:  # the first step compiled; time from its end
+            jax.block_until_ready(metrics)
+            self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.clock, self.clock_step = time.perf_counter(), step
+
+    def tokens_per_second(self, step: int) -> float:
+        seconds = time.perf_counter() - self.clock
+        return (step - self.clock_step) * self.tokens_per_step / seconds if step > self.clock_step else 0.0
+
+
+@contextlib.contextmanager
+def stop_signals(announce: bool):
+    """Ctrl-C and SIGTERM handled by a StopSignal for the duration; the previous handlers come back after."""
+    stop = StopSignal(announce)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)} \
+        if is_main_thread() else {}
+    try:
+        yield stop
     finally:
-        bar.close()
-        batches.close()
-        manager.wait_until_finished()
-        for signum, handler in previous_handlers.items():
+        for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return {"step": step, "total_steps": total_steps, **last}
 
 
 def save_on_interrupt(state, start_step: int, manager, save, last: dict, workdir: str, is_chief: bool) -> None:

@@ -3,7 +3,7 @@
 Nothing here touches files or the clock. `make_train_step` returns `train_step(state, batch) -> (state, metrics)`,
 compiled once; on several devices it runs data-parallel: the batch is split over a 1-D device mesh ('data'), each
 device computes gradients on its rows (`shard_map`, the modern spelling of pmap) and one `pmean` averages them,
-once per step. Parameters and optimizer state are replicated.
+once per step. Parameters and optimizer state are replicated. (train.parallelism='jit' leaves the split to XLA.)
 """
 
 import functools
@@ -113,8 +113,8 @@ def next_token_loss(params, batch_BxT1, model: GPT, dropout_rng=None, loss_chunk
         output_VxD = params["token_embedding"]["embedding"]
     else:
         output_VxD = params["lm_head"]["kernel"].T
-    hidden_NxD = hidden_BxTxD.reshape(-1, cfg.d_model)
-    loss_sum = kernels.fused_output_loss(hidden_NxD, output_VxD.astype(cfg.compute_dtype), targets_BxT.reshape(-1),
+    hidden_MxD = hidden_BxTxD.reshape(-1, cfg.d_model)
+    loss_sum = kernels.fused_output_loss(hidden_MxD, output_VxD.astype(cfg.compute_dtype), targets_BxT.reshape(-1),
                                          cfg.vocab_size, loss_chunk)
     return loss_sum / targets_BxT.size
 
@@ -194,11 +194,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, state_sharding,
-                    seed: int, donate: bool, loss_chunk: int = 0):
-    """`train_step(state, batch [A, B, T+1]) -> (state, metrics)`, jitted with the batch split over `mesh`."""
+                    seed: int, donate: bool, loss_chunk: int = 0, parallelism: str = "shard_map"):
+    """`train_step(state, batch [A, B, T1]) -> (state, metrics)`, jitted with the batch split over `mesh`.
+
+    parallelism = 'shard_map': each device computes the gradients of its rows and `data_parallel` averages them with
+    one written-out `pmean`. 'jit': the same `mean_gradients` on the whole batch, and XLA's partitioner splits it
+    over the devices and inserts the all-reduce itself (where it likes: inside the micro-batch loop, measured).
+    Both give the same numbers (tests/test_train.py).
+    """
     gradients = functools.partial(mean_gradients, model=GPT(model_config), use_dropout=model_config.dropout > 0,
                                   loss_chunk=loss_chunk)
-    step = functools.partial(train_step, gradients=data_parallel(gradients, mesh), optimizer=optimizer,
+    if parallelism == "shard_map":
+        gradients = data_parallel(gradients, mesh)
+    step = functools.partial(train_step, gradients=gradients, optimizer=optimizer,
                              dropout_rng=jax.random.key(seed + 1))
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptjax import hardware, input_pipeline
-from gptjax.configs import base_config, describe_keys, key_comments, load_config_file, validate
+from gptjax.configs import base_config, build_model_config, describe_keys, key_comments, load_config_file, validate
 from gptjax.errors import UserError
 from gptjax.train import save_on_interrupt, summary, train_and_evaluate
 from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
@@ -143,12 +143,11 @@ def test_a_finished_run_says_so_and_how_to_extend_it(tmp_path, capsys):
 def test_an_interrupt_after_a_save_says_which_checkpoint_a_rerun_resumes(tmp_path, capsys):
     from gptjax import checkpoints
     from gptjax import train_step as steps_lib
-    from gptjax.model import ModelConfig
 
     train_and_evaluate(small_config(steps=2), str(tmp_path), progress=False)
     config = small_config(steps=2)
     optimizer = steps_lib.make_optimizer(config.train, 2)
-    state = steps_lib.create_train_state(ModelConfig.from_config(config.model), optimizer, seed=0)
+    state = steps_lib.create_train_state(build_model_config(config.model), optimizer, seed=0)
     manager = checkpoints.make_manager(str(tmp_path))
     state = state.replace(step=jax.numpy.asarray(2, jax.numpy.int32))
     save_on_interrupt(state, 0, manager, save=None, last={}, workdir=str(tmp_path), is_chief=True)
@@ -179,10 +178,9 @@ def test_mfu_above_one_says_the_peak_was_measured_low():
 
 def test_the_train_step_uses_no_deprecated_optax_spelling():
     from gptjax import train_step as steps_lib
-    from gptjax.model import ModelConfig
 
     config = small_config()
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
     optimizer = steps_lib.make_optimizer(config.train, 10)
     state = steps_lib.create_train_state(model_config, optimizer, seed=0)
     mesh = steps_lib.data_mesh(jax.devices()[:1])

@@ -1,9 +1,9 @@
 
 import pytest
 
-from gptjax.configs import base_config, check_command_line, check_key, load_config_file
+from gptjax.configs import base_config, build_model_config, check_command_line, check_key, load_config_file
 from gptjax.errors import UserError
-from gptjax.model import ModelConfig
+
 
 
 def test_every_base_key_has_a_comment():
@@ -18,7 +18,7 @@ def test_every_base_key_has_a_comment():
 def test_experiments_load_and_build_models():
     for name in ("m1", "tiny"):
         config = load_config_file(f"experiments/{name}.py")
-        ModelConfig.from_config(config.model)
+        build_model_config(config.model)
         assert config.data.seq_len == config.model.max_len
 
 

@@ -52,7 +52,7 @@ def test_fused_output_loss_equals_the_plain_loss_and_gradients(tie_embeddings):
         loss, grads = jax.value_and_grad(steps_lib.next_token_loss)(params, batch, model, None, chunk)
         np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(grads)):
-            np.testing.assert_allclose(a, b, atol=1e-7)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # float32 rounding, not a formula
 
 
 @pytest.mark.parametrize("width, vocab_size", [(200, 1), (200, 100), (200, 128), (200, 150), (192, 190), (192, 192)])
@@ -65,22 +65,22 @@ def test_max_over_real_vocab_ignores_the_padded_columns(width, vocab_size):
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 2e-4), ("bfloat16", 1e-2)])
 def test_fused_output_loss_keeps_the_small_gradients_of_confident_predictions(dtype, tolerance):
-    N, D, V, vocab_size = 64, 32, 192, 190
+    M, D, V, vocab_size = 64, 32, 192, 190
     output_VxD = jax.random.normal(jax.random.key(1), (V, D)).astype(dtype)
-    targets_N = jax.random.randint(jax.random.key(2), (N,), 0, vocab_size)
+    targets_M = jax.random.randint(jax.random.key(2), (M,), 0, vocab_size)
     # Hidden states close to 3x their target's output row: the target gets probability ~0.999, so p - 1 is small.
-    hidden_NxD = (3 * output_VxD[targets_N].astype(np.float32)
-                  + 0.1 * jax.random.normal(jax.random.key(0), (N, D))).astype(dtype)
+    hidden_MxD = (3 * output_VxD[targets_M].astype(np.float32)
+                  + 0.1 * jax.random.normal(jax.random.key(0), (M, D))).astype(dtype)
     grad_h, grad_output = jax.grad(fused_output_loss, argnums=(0, 1))(
-        hidden_NxD, output_VxD, targets_N, vocab_size, 16)
+        hidden_MxD, output_VxD, targets_M, vocab_size, 16)
     # float64 reference from the same (rounded) inputs.
-    h, out = np.asarray(hidden_NxD, np.float64), np.asarray(output_VxD, np.float64)
+    h, out = np.asarray(hidden_MxD, np.float64), np.asarray(output_VxD, np.float64)
     logits = h @ out.T
     logits[:, vocab_size:] = -np.inf
     dlogits = np.exp(logits - logits.max(axis=1, keepdims=True))
     dlogits /= dlogits.sum(axis=1, keepdims=True)
-    assert dlogits[np.arange(N), targets_N].min() > 0.99
-    dlogits[np.arange(N), targets_N] -= 1
+    assert dlogits[np.arange(M), targets_M].min() > 0.99
+    dlogits[np.arange(M), targets_M] -= 1
     for got, want in ((grad_h, dlogits @ out), (grad_output, dlogits.T @ h)):
         error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
         assert error < tolerance

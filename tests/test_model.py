@@ -3,9 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.configs import load_config_file
+from gptjax.configs import build_model_config, load_config_file
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, param_count, sinusoidal_positions
+from gptjax.model import GPT, count_params, sinusoidal_positions
+from gptjax.scaling import flops_per_token, param_count
 
 VARIATIONS = [
     dict(),  # the seed: sinusoidal, ReLU, biases, tied
@@ -120,7 +121,7 @@ def test_attention_choices_give_the_same_model_gradients(small_model_config, dty
 
 def test_m1_is_about_20m_parameters_and_flops_follow():
     config = load_config_file("experiments/m1.py")
-    cfg = ModelConfig.from_config(config.model)
+    cfg = build_model_config(config.model)
     n = param_count(cfg)
     assert 18e6 <= n <= 22e6
     assert flops_per_token(cfg) == 6 * n + 12 * 8 * 256 * 256
@@ -128,10 +129,10 @@ def test_m1_is_about_20m_parameters_and_flops_follow():
 
 def test_bad_model_configs_are_clear_errors():
     with pytest.raises(UserError, match="d_model=100 is not divisible by model.n_head=8"):
-        ModelConfig.from_config(dict(d_model=100, n_head=8))
+        build_model_config(dict(d_model=100, n_head=8))
     with pytest.raises(UserError, match="pos_embedding='alibi'"):
-        ModelConfig.from_config(dict(pos_embedding="alibi"))
+        build_model_config(dict(pos_embedding="alibi"))
     with pytest.raises(UserError, match=r"unknown model config key\(s\) \['n_layers'\]"):
-        ModelConfig.from_config(dict(n_layers=3))
+        build_model_config(dict(n_layers=3))
     with pytest.raises(UserError, match="model.attention='flash' is not one of"):
-        ModelConfig.from_config(dict(attention="flash"))
+        build_model_config(dict(attention="flash"))

@@ -47,12 +47,12 @@ def test_budget_from_device_hours(capsys):
 
 
 def test_projected_hours_of_an_experiment_by_hand(capsys):
-    from gptjax.configs import load_config_file
-    from gptjax.model import ModelConfig, flops_per_token
+    from gptjax.configs import build_model_config, load_config_file
+    from gptjax.scaling import flops_per_token
 
     config = load_config_file("experiments/m1.py")
     result = scaling.projection(config, device_flops=10.4e12, mfu=0.3)
-    per_token = flops_per_token(ModelConfig.from_config(config.model))
+    per_token = flops_per_token(build_model_config(config.model))
     assert result["steps"] == int(1e17 // (per_token * 128 * 256))  # steps derived from the 1e17 budget
     assert result["flops"] == pytest.approx(1e17, rel=1e-4)
     assert result["hours"] == pytest.approx(1e17 / (10.4e12 * 0.3) / 3600, rel=1e-4)  # 8.9 hours, not 3

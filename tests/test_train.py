@@ -13,7 +13,7 @@ import pytest
 
 from gptjax import checkpoints
 from gptjax import train_step as steps_lib
-from gptjax.configs import load_config_file
+from gptjax.configs import build_model_config, load_config_file
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig
 from gptjax.train import train_and_evaluate
@@ -42,7 +42,7 @@ def read_metrics(workdir):
 
 
 def restore_params(workdir, config):
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
     optimizer = steps_lib.make_optimizer(config.train, config.train.steps)
     state = steps_lib.create_train_state(model_config, optimizer, seed=123)
     manager = checkpoints.make_manager(workdir)
@@ -83,7 +83,7 @@ def test_weight_decay_mask_covers_matrices_only():
 
 def test_gradient_accumulation_equals_one_bigger_batch():
     config = small_config()
-    model_config = ModelConfig.from_config(config.model)
+    model_config = build_model_config(config.model)
     optimizer = steps_lib.make_optimizer(config.train, 10)
     state = steps_lib.create_train_state(model_config, optimizer, seed=0)
     batch = jax.random.randint(jax.random.key(5), (8, 17), 0, 50257)
@@ -102,35 +102,36 @@ def test_gradient_accumulation_equals_one_bigger_batch():
 DEVICE_PARITY_SCRIPT = """
 import jax, numpy as np
 from gptjax import train_step as steps_lib
-from gptjax.model import ModelConfig
+from gptjax.configs import build_model_config
 from tests.test_train import small_config
 assert len(jax.devices()) == 4
 config = small_config()
-cfg = ModelConfig.from_config(config.model)
+cfg = build_model_config(config.model)
 opt = steps_lib.make_optimizer(config.train, 10)
 batches = jax.random.randint(jax.random.key(1), (3, 2, 8, 17), 0, 50257)
 results = []
-for devices in (jax.devices()[:1], jax.devices()):
+for devices, parallelism in ((jax.devices()[:1], "shard_map"), (jax.devices(), "shard_map"), (jax.devices(), "jit")):
     mesh = steps_lib.data_mesh(devices)
     state = steps_lib.create_train_state(cfg, opt, seed=0)
     sharding = steps_lib.replicated_sharding(state, mesh)
     state = jax.device_put(state, sharding)
-    step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=True)
+    step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=True, parallelism=parallelism)
     losses = []
     for batch in batches:
         spec = jax.sharding.PartitionSpec(None, "data")
         state, metrics = step(state, steps_lib.global_batch(np.asarray(batch), mesh, spec))
         losses.append(float(metrics["loss"]))
     results.append((losses, state.params))
-    print(len(devices), "devices:", losses, "batch sharding:", step.lower(state, batches[0]).compile() is not None)
-np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
-for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    print(len(devices), "devices,", parallelism, losses)
+for losses, params in results[1:]:  # 4 devices (shard_map, then plain jit) against 1
+    np.testing.assert_allclose(results[0][0], losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 print("PARITY OK")
 """
 
 
-def test_four_devices_match_one_device():
+def test_four_devices_match_one_device_with_either_parallelism():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO_ROOT)
     result = subprocess.run([sys.executable, "-c", DEVICE_PARITY_SCRIPT], env=env, cwd=REPO_ROOT,
@@ -141,10 +142,10 @@ def test_four_devices_match_one_device():
 ALL_REDUCE_SCRIPT = """
 import re, jax, numpy as np
 from gptjax import train_step as steps_lib
-from gptjax.model import ModelConfig
+from gptjax.configs import build_model_config
 from tests.test_train import small_config
 config = small_config()
-cfg = ModelConfig.from_config(config.model)
+cfg = build_model_config(config.model)
 opt = steps_lib.make_optimizer(config.train, 10)
 mesh = steps_lib.data_mesh()
 state = steps_lib.create_train_state(cfg, opt, seed=0)

@@ -1,7 +1,7 @@
 """Chunked causal attention: `jax.nn.dot_product_attention(q, k, v, is_causal=True)` rearranged for a CPU's caches.
 
 Equal to it in value and gradient (tests/test_kernels.py checks both); `gptjax.kernels.attention_kernel` decides
-where it runs (CPUs). Shapes as in gptjax/model.py, plus Q = queries in a block, K = the keys they can see.
+where it runs (CPUs). Shapes as in the legend of gptjax/model.py; here Q = queries in a block, S = the keys they see.
 """
 
 import functools
@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def block_scores(q_BxNxQxH, k_BxNxKxH, first_query: int) -> jax.Array:
-    """float32 [B, N, Q, K]: q.k / sqrt(H) for queries at positions first_query.. and keys at 0..K-1, the future
+def block_scores(q_BxNxQxH, k_BxNxSxH, first_query: int) -> jax.Array:
+    """float32 [B, N, Q, S]: q.k / sqrt(H) for queries at positions first_query.. and keys at 0..S-1, the future
     set to the most negative float. The scores of gptjax.model.attention_scores, restated so the kernel stands alone."""
-    Q, K, H = q_BxNxQxH.shape[2], k_BxNxKxH.shape[2], q_BxNxQxH.shape[-1]
-    scores_BxNxQxK = jnp.einsum("bnqh,bnkh->bnqk", q_BxNxQxH, k_BxNxKxH,
+    Q, S, H = q_BxNxQxH.shape[2], k_BxNxSxH.shape[2], q_BxNxQxH.shape[-1]
+    scores_BxNxQxS = jnp.einsum("bnqh,bnsh->bnqs", q_BxNxQxH, k_BxNxSxH,
                                 preferred_element_type=jnp.float32) / np.sqrt(H)
-    is_past_QxK = jnp.arange(K)[None, :] <= first_query + jnp.arange(Q)[:, None]
-    return jnp.where(is_past_QxK, scores_BxNxQxK, jnp.finfo(jnp.float32).min)
+    is_past_QxS = jnp.arange(S)[None, :] <= first_query + jnp.arange(Q)[:, None]
+    return jnp.where(is_past_QxS, scores_BxNxQxS, jnp.finfo(jnp.float32).min)
 
 
 def query_blocks(T: int, block: int) -> list[tuple[int, int]]:
@@ -41,12 +41,12 @@ def _attention_forward(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, query_block: int):
     q_BxNxTxH, k_BxNxTxH, v_BxNxTxH = _heads_major(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
     y_blocks, logsumexp_blocks = [], []
     for start, end in query_blocks(q_BxNxTxH.shape[2], query_block):
-        scores_BxNxQxK = block_scores(q_BxNxTxH[:, :, start:end], k_BxNxTxH[:, :, :end], start)
-        max_BxNxQx1 = scores_BxNxQxK.max(axis=-1, keepdims=True)
-        unnormalised_BxNxQxK = jnp.exp(scores_BxNxQxK - max_BxNxQx1)
-        sum_BxNxQx1 = unnormalised_BxNxQxK.sum(axis=-1, keepdims=True)
-        # Normalising the [Q, H] output instead of the [Q, K] weights saves a pass over the big array.
-        y_BxNxQxH = jnp.einsum("bnqk,bnkh->bnqh", unnormalised_BxNxQxK.astype(v_BxNxTxH.dtype), v_BxNxTxH[:, :, :end],
+        scores_BxNxQxS = block_scores(q_BxNxTxH[:, :, start:end], k_BxNxTxH[:, :, :end], start)
+        max_BxNxQx1 = scores_BxNxQxS.max(axis=-1, keepdims=True)
+        unnormalised_BxNxQxS = jnp.exp(scores_BxNxQxS - max_BxNxQx1)
+        sum_BxNxQx1 = unnormalised_BxNxQxS.sum(axis=-1, keepdims=True)
+        # Normalising the [Q, H] output instead of the [Q, S] weights saves a pass over the big array.
+        y_BxNxQxH = jnp.einsum("bnqs,bnsh->bnqh", unnormalised_BxNxQxS.astype(v_BxNxTxH.dtype), v_BxNxTxH[:, :, :end],
                                preferred_element_type=jnp.float32) / sum_BxNxQx1
         y_blocks.append(y_BxNxQxH.astype(v_BxNxTxH.dtype))
         logsumexp_blocks.append(max_BxNxQx1 + jnp.log(sum_BxNxQx1))
@@ -65,23 +65,24 @@ def _attention_backward(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, y_BxTxNxH, logsumexp_Bx
     dv_BxNxTxH = jnp.zeros(v_BxNxTxH.shape, jnp.float32)
     for start, end in query_blocks(q_BxNxTxH.shape[2], query_block):
         q_BxNxQxH, dy_BxNxQxH = q_BxNxTxH[:, :, start:end], dy_BxNxTxH[:, :, start:end]
-        k_BxNxKxH, v_BxNxKxH = k_BxNxTxH[:, :, :end], v_BxNxTxH[:, :, :end]
-        scores_BxNxQxK = block_scores(q_BxNxQxH, k_BxNxKxH, start)
-        probs_BxNxQxK = jnp.exp(scores_BxNxQxK - logsumexp_BxNxTx1[:, :, start:end])
+        k_BxNxSxH, v_BxNxSxH = k_BxNxTxH[:, :, :end], v_BxNxTxH[:, :, :end]
+        scores_BxNxQxS = block_scores(q_BxNxQxH, k_BxNxSxH, start)
+        probs_BxNxQxS = jnp.exp(scores_BxNxQxS - logsumexp_BxNxTx1[:, :, start:end])
         dv_BxNxTxH = dv_BxNxTxH.at[:, :, :end].add(jnp.einsum(
-            "bnqk,bnqh->bnkh", probs_BxNxQxK.astype(dtype), dy_BxNxQxH, preferred_element_type=jnp.float32))
-        dprobs_BxNxQxK = jnp.einsum("bnqh,bnkh->bnqk", dy_BxNxQxH, v_BxNxKxH, preferred_element_type=jnp.float32)
-        dscores_BxNxQxK = (probs_BxNxQxK * (dprobs_BxNxQxK - dy_dot_y_BxNxTx1[:, :, start:end]) / np.sqrt(H))
-        dscores_BxNxQxK = dscores_BxNxQxK.astype(dtype)
-        dq_blocks.append(jnp.einsum("bnqk,bnkh->bnqh", dscores_BxNxQxK, k_BxNxKxH, preferred_element_type=jnp.float32))
+            "bnqs,bnqh->bnsh", probs_BxNxQxS.astype(dtype), dy_BxNxQxH, preferred_element_type=jnp.float32))
+        dprobs_BxNxQxS = jnp.einsum("bnqh,bnsh->bnqs", dy_BxNxQxH, v_BxNxSxH, preferred_element_type=jnp.float32)
+        dscores_BxNxQxS = (probs_BxNxQxS * (dprobs_BxNxQxS - dy_dot_y_BxNxTx1[:, :, start:end]) / np.sqrt(H))
+        dscores_BxNxQxS = dscores_BxNxQxS.astype(dtype)
+        dq_blocks.append(jnp.einsum("bnqs,bnsh->bnqh", dscores_BxNxQxS, k_BxNxSxH, preferred_element_type=jnp.float32))
         dk_BxNxTxH = dk_BxNxTxH.at[:, :, :end].add(jnp.einsum(
-            "bnqk,bnqh->bnkh", dscores_BxNxQxK, q_BxNxQxH, preferred_element_type=jnp.float32))
+            "bnqs,bnqh->bnsh", dscores_BxNxQxS, q_BxNxQxH, preferred_element_type=jnp.float32))
     dq_BxNxTxH = jnp.concatenate(dq_blocks, axis=2)
     return [jnp.swapaxes(g, 1, 2).astype(dtype) for g in (dq_BxNxTxH, dk_BxNxTxH, dv_BxNxTxH)]
 
 
 def _over_batch_chunks(fn, sequences_per_chunk: int, *arrays_B):
-    """fn applied to `sequences_per_chunk` sequences at a time (a lax.map), so its [c, N, T, T] arrays stay in cache."""
+    """fn applied to `sequences_per_chunk` sequences at a time (a lax.map), so its [those, N, T, T] arrays stay in
+    cache."""
     B = arrays_B[0].shape[0]
     if sequences_per_chunk >= B:
         return fn(*arrays_B)
@@ -96,7 +97,7 @@ def chunked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, sequences_per_chun
 
     Equal to `jax.nn.dot_product_attention(q, k, v, is_causal=True)`. On a CPU that one is memory-bound: every
     step of its softmax and of its gradient reads and writes a [B, N, T, T] array far bigger than the caches.
-    Here each lax.map iteration works on a few sequences whose [c, N, T, T] scores fit in cache; within them,
+    Here each lax.map iteration works on a few sequences whose [those, N, T, T] scores fit in cache; within them,
     blocks of `query_block` queries skip the keys in their future; and the backward pass recomputes the weights
     from the saved log-sum-exp (as FlashAttention does) instead of storing them.
     Measured on a 2-core CPU at the m1 shape, forward + backward per layer: 93 ms (jax.nn.dot_product_attention),
@@ -120,6 +121,6 @@ chunked_causal_attention.defvjp(_chunked_causal_attention_fwd, _chunked_causal_a
 
 
 def sequences_per_attention_chunk(B: int, N: int, T: int, cache_bytes: int = 4 << 20) -> int:
-    """The largest divisor of B whose float32 [c, N, T, T] scores fit in `cache_bytes` (at least 1)."""
+    """The largest divisor of B whose float32 [that many, N, T, T] scores fit in `cache_bytes` (at least 1)."""
     fitting = max(1, cache_bytes // (N * T * T * 4))
     return max(c for c in range(1, B + 1) if B % c == 0 and c <= fitting)

@@ -1,8 +1,8 @@
 """The fused chunked output loss: cross-entropy of hidden @ output.T, with its gradient formed in the forward pass.
 
-Equal to the plain loss (the full [N, V] logits, then `optax.softmax_cross_entropy_with_integer_labels`) in value and
+Equal to the plain loss (the full [M, V] logits, then `optax.softmax_cross_entropy_with_integer_labels`) in value and
 gradient (tests/test_kernels.py checks both); `gptjax.kernels.loss_chunk_tokens` decides where it runs (CPUs).
-Shapes: N = tokens, c = tokens in a chunk, C = chunks, D = d_model, V = padded vocabulary.
+Shapes as in the legend of gptjax/model.py: M = tokens of the flattened batch, C chunks of c tokens.
 """
 
 import functools
@@ -14,14 +14,14 @@ import numpy as np
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def fused_output_loss(hidden_NxD, output_VxD, targets_N, vocab_size: int, chunk: int):
+def fused_output_loss(hidden_MxD, output_VxD, targets_M, vocab_size: int, chunk: int):
     """Summed cross-entropy of logits = hidden @ output.T, computed `chunk` tokens at a time.
 
     The loss is the last operation of the step, so its gradient can be formed in the forward pass: for each chunk,
     d_hidden and d_output are computed while the chunk's logits are at hand, and the backward pass only scales them.
-    Nothing of size [N, V] is kept, and the logits are computed once instead of twice.
+    Nothing of size [M, V] is kept, and the logits are computed once instead of twice.
     """
-    return _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)[0]
+    return _fused_output_loss_fwd(hidden_MxD, output_VxD, targets_M, vocab_size, chunk)[0]
 
 
 def max_over_real_vocab(logits_cxV, vocab_size: int):
@@ -33,22 +33,22 @@ def max_over_real_vocab(logits_cxV, vocab_size: int):
     c, V = logits_cxV.shape
     block = math.gcd(V, 128)
     real_blocks = vocab_size // block  # blocks 0..real_blocks-1 hold real entries only
-    tail_cxP = logits_cxV[:, real_blocks * block:]
-    tail_max_c = jnp.where(real_blocks * block + jnp.arange(tail_cxP.shape[1]) < vocab_size, tail_cxP,
+    tail_logits = logits_cxV[:, real_blocks * block:]  # [c, the last V - real_blocks x block columns]
+    tail_max_c = jnp.where(real_blocks * block + jnp.arange(tail_logits.shape[1]) < vocab_size, tail_logits,
                            -jnp.inf).max(axis=-1, initial=-jnp.inf)
-    block_max_cxK = logits_cxV.reshape(c, V // block, block).max(axis=-1)
-    return jnp.maximum(block_max_cxK[:, :real_blocks].max(axis=-1, initial=-jnp.inf), tail_max_c)[:, None]
+    block_max = logits_cxV.reshape(c, V // block, block).max(axis=-1)  # [c, V / block]
+    return jnp.maximum(block_max[:, :real_blocks].max(axis=-1, initial=-jnp.inf), tail_max_c)[:, None]
 
 
-def _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk):
-    N, D = hidden_NxD.shape
+def _fused_output_loss_fwd(hidden_MxD, output_VxD, targets_M, vocab_size, chunk):
+    M, D = hidden_MxD.shape
     V = output_VxD.shape[0]
-    chunk = min(chunk, N)
-    padded = -(-N // chunk) * chunk  # pad to whole chunks; padding rows have weight 0
-    weights_N = jnp.pad(jnp.ones((N,), jnp.float32), (0, padded - N))
-    hidden_CxcxD = jnp.pad(hidden_NxD, ((0, padded - N), (0, 0))).reshape(-1, chunk, D)
-    targets_Cxc = jnp.pad(targets_N, (0, padded - N)).reshape(-1, chunk)
-    weights_Cxc = weights_N.reshape(-1, chunk)
+    chunk = min(chunk, M)
+    padded = -(-M // chunk) * chunk  # pad to whole chunks; padding rows have weight 0
+    weights_M = jnp.pad(jnp.ones((M,), jnp.float32), (0, padded - M))
+    hidden_CxcxD = jnp.pad(hidden_MxD, ((0, padded - M), (0, 0))).reshape(-1, chunk, D)
+    targets_Cxc = jnp.pad(targets_M, (0, padded - M)).reshape(-1, chunk)
+    weights_Cxc = weights_M.reshape(-1, chunk)
     is_real_1xV = (jnp.arange(V) < vocab_size)[None, :]  # padded vocabulary entries get probability 0
 
     def one_chunk(grad_output_VxD, xs):
@@ -76,15 +76,15 @@ def _fused_output_loss_fwd(hidden_NxD, output_VxD, targets_N, vocab_size, chunk)
 
     grad_output_VxD, (losses_C, grad_h_CxcxD) = jax.lax.scan(
         one_chunk, jnp.zeros((V, D), jnp.float32), (hidden_CxcxD, targets_Cxc, weights_Cxc))
-    grad_hidden_NxD = grad_h_CxcxD.reshape(padded, D)[:N]
-    return losses_C.sum(), (grad_hidden_NxD.astype(hidden_NxD.dtype), grad_output_VxD.astype(output_VxD.dtype),
-                            targets_N)
+    grad_hidden_MxD = grad_h_CxcxD.reshape(padded, D)[:M]
+    return losses_C.sum(), (grad_hidden_MxD.astype(hidden_MxD.dtype), grad_output_VxD.astype(output_VxD.dtype),
+                            targets_M)
 
 
 def _fused_output_loss_bwd(vocab_size, chunk, residuals, g):
-    grad_hidden_NxD, grad_output_VxD, targets_N = residuals
-    zero_targets = np.zeros(targets_N.shape, jax.dtypes.float0)  # integer inputs get a symbolic zero gradient
-    return grad_hidden_NxD * g, grad_output_VxD * g, zero_targets
+    grad_hidden_MxD, grad_output_VxD, targets_M = residuals
+    zero_targets = np.zeros(targets_M.shape, jax.dtypes.float0)  # integer inputs get a symbolic zero gradient
+    return grad_hidden_MxD * g, grad_output_VxD * g, zero_targets
 
 
 fused_output_loss.defvjp(_fused_output_loss_fwd, _fused_output_loss_bwd)

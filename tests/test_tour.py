@@ -1,0 +1,25 @@
+"""docs/tour.md cannot rot: every ```python block of it runs, in order, in one namespace, from the repository root."""
+
+import os
+import re
+
+from tests.test_train import REPO_ROOT
+
+TOUR = os.path.join(REPO_ROOT, "docs", "tour.md")
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", markdown, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_every_block_of_the_tour_runs_in_order(monkeypatch):
+    with open(TOUR) as f:
+        blocks = python_blocks(f.read())
+    assert len(blocks) >= 9  # one per stop, at least
+    monkeypatch.chdir(REPO_ROOT)
+    namespace = {"__name__": "tour"}
+    for number, block in enumerate(blocks, 1):
+        try:
+            exec(compile(block, f"docs/tour.md block {number}", "exec"), namespace)
+        except Exception as e:
+            raise AssertionError(f"docs/tour.md block {number} failed: {e!r}\n{block}") from e
