@@ -61,15 +61,18 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 # Model keys that may differ between a checkpoint and the run that loads it: they change how the same parameters are
-# computed with (compute dtype, dropout, attention kernel), not the parameters' shapes or what they mean. So a float32
-# Mac checkpoint resumes in bfloat16 on a GPU, and a converted GPT-2 fine-tunes with dropout.
-FREE_MODEL_KEYS = ("dtype", "dropout", "attention")
+# computed with (compute dtype, dropout, attention kernel, rematerialisation), not the parameters' shapes or what
+# they mean. So a float32 Mac checkpoint resumes in bfloat16 on a GPU, and a converted GPT-2 fine-tunes with dropout.
+FREE_MODEL_KEYS = ("dtype", "dropout", "attention", "remat")
 
 
 def check_compatible(meta: dict, model_config: dict, workdir: str) -> list[str]:
     """Refuses a checkpoint whose parameters have other shapes or meaning than this run's model, naming every key
     that differs; returns the differences in FREE_MODEL_KEYS, which are allowed."""
-    saved = meta["config"]["model"]
+    from gptjax.model import ModelConfig
+
+    defaults = {k: field.default for k, field in ModelConfig.__dataclass_fields__.items()}  # keys added since
+    saved = {**defaults, **meta["config"]["model"]}
     differences = {k: f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in sorted(model_config.items())
                    if saved.get(k) != v}
     refused = [text for key, text in differences.items() if key not in FREE_MODEL_KEYS]

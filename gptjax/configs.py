@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from gptjax.errors import UserError, exit_on_user_error
-from gptjax.model import ACTIVATIONS, ATTENTIONS, DTYPES, POS_EMBEDDINGS, ModelConfig
+from gptjax.model import ACTIVATIONS, ATTENTIONS, DTYPES, POS_EMBEDDINGS, REMAT_POLICIES, ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,6 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Attention kernel for whole sequences (training, evaluation): 'xla' (jax.nn.dot_product_attention), 'chunked'
     # (a few sequences at a time, faster on CPU) or 'auto' (chunked on CPU, xla elsewhere). All give the same numbers.
     model.attention = "auto"
+    # Run the blocks as one Block under nn.scan (parameters stacked [n_layer, ...]): one compiled block instead of
+    # n_layer, for deep models. Checkpoints and converted weights follow the layout; the numbers do not change.
+    model.scan_layers = False
+    # Recompute each block's activations in the backward pass instead of storing them: 'none', 'full' (store only
+    # the block inputs) or 'dots_saveable' (keep the matmul outputs, recompute the rest). Same numbers, less memory.
+    model.remat = "none"
 
     config.data = data = ml_collections.ConfigDict()
     # Where documents come from: 'text' (local files), 'tfds' (TensorFlow Datasets) or 'hf' (Hugging Face datasets).
@@ -194,7 +200,7 @@ NUMERIC_RANGES = {
 }
 CHOICES = {
     "model.pos_embedding": POS_EMBEDDINGS, "model.activation": tuple(ACTIVATIONS), "model.dtype": tuple(DTYPES),
-    "model.attention": ATTENTIONS,
+    "model.attention": ATTENTIONS, "model.remat": tuple(REMAT_POLICIES),
     "train.parallelism": ("shard_map", "jit"),
     "data.source": ("text", "tfds", "hf", "python_docs"),
     "data.txt_documents": ("file", "blank_lines"),

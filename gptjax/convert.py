@@ -59,6 +59,20 @@ def read_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
     return {k.removeprefix("transformer."): np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
+def stack_blocks(params: dict, n_layer: int) -> dict:
+    """blocks_0 .. blocks_{n_layer - 1} as one 'blocks' tree whose arrays have a leading [n_layer] axis: the layout
+    of model.scan_layers=true."""
+    rest = {name: tree for name, tree in params.items() if not name.startswith("blocks_")}
+    layers = [params[f"blocks_{i}"] for i in range(n_layer)]
+    return {**rest, "blocks": jax.tree.map(lambda *arrays: np.stack(arrays), *layers)}
+
+
+def unstack_blocks(params: dict, n_layer: int) -> dict:
+    """`stack_blocks` undone: one blocks_i tree per layer, as model.scan_layers=false has them."""
+    rest = {name: tree for name, tree in params.items() if name != "blocks"}
+    return {**rest, **{f"blocks_{i}": jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(n_layer)}}
+
+
 def gpt2_params(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
     """The gptjax parameter tree from GPT-2's tensors."""
     def take(name):
@@ -81,10 +95,10 @@ def gpt2_params(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
             "mlp": {"fc": {"kernel": take(h + "mlp.c_fc.weight"), "bias": take(h + "mlp.c_fc.bias")},
                     "proj": {"kernel": take(h + "mlp.c_proj.weight"), "bias": take(h + "mlp.c_proj.bias")}},
         }
-    return params
+    return stack_blocks(params, cfg.n_layer) if cfg.scan_layers else params
 
 
-def convert(hf_dir: str, workdir: str) -> dict:
+def convert(hf_dir: str, workdir: str, scan_layers: bool = False) -> dict:
     """Writes the converted checkpoint (step 0) to `workdir`; returns a summary."""
     if not os.path.isdir(hf_dir):
         raise UserError(f"--hf {hf_dir!r} is not a directory; pass the directory that save_pretrained wrote")
@@ -100,6 +114,7 @@ def convert(hf_dir: str, workdir: str) -> dict:
         raise UserError(f"{config_path} lacks {missing}; is it a GPT-2 config?")
     config = base_config()
     config.model.update(gpt2_model_config(hf_config))
+    config.model.scan_layers = scan_layers
     config.data.seq_len = config.model.max_len
     model_config = build_model_config(config.model)
 
@@ -126,6 +141,8 @@ GPT2_LAYOUT = {"pos_embedding": "learned", "activation": "gelu", "use_bias": Tru
 
 def hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """GPT-2's tensors from the gptjax parameter tree: `gpt2_params` read backwards (the output layer is tied)."""
+    if cfg.scan_layers:
+        params = unstack_blocks(params, cfg.n_layer)
     tensors = {"wte.weight": params["token_embedding"]["embedding"][: cfg.vocab_size],
                "wpe.weight": params["position_embedding"]["embedding"],
                "ln_f.weight": params["ln_f"]["scale"], "ln_f.bias": params["ln_f"]["bias"]}
@@ -170,7 +187,10 @@ def main():
     hf, to_hf, workdir = flags.FLAGS.hf, flags.FLAGS.to_hf, flags.FLAGS.workdir
     cli.require((hf is None) != (to_hf is None), "pass either --hf DIR (Hugging Face -> gptjax) or --to_hf DIR "
                                                  "(gptjax -> Hugging Face), with --workdir")
-    print(json.dumps(convert(hf, workdir) if hf else export_to_hf(workdir, to_hf, flags.FLAGS.step)))
+    cli.require(hf or not flags.FLAGS.scan_layers, "--scan_layers goes with --hf (an export reads the layout from "
+                                                   "the checkpoint)")
+    print(json.dumps(convert(hf, workdir, flags.FLAGS.scan_layers) if hf
+                     else export_to_hf(workdir, to_hf, flags.FLAGS.step)))
 
 
 if __name__ == "__main__":
@@ -178,4 +198,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("to_hf", None, "Or: a new directory to export --workdir's checkpoint to, for Hugging Face.")
     flags.DEFINE_string("workdir", None, "The gptjax run: where --hf writes, or what --to_hf reads.", required=True)
     flags.DEFINE_integer("step", None, "With --to_hf: the checkpoint step to export (default: the latest).")
+    flags.DEFINE_boolean("scan_layers", False, "With --hf: write the blocks stacked, for model.scan_layers=true runs.")
     cli.run(main)

@@ -38,6 +38,9 @@ ACTIVATIONS = {
     "gelu": functools.partial(nn.gelu, approximate=True),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a rematerialised block keeps from its forward pass for the backward pass; the rest is recomputed.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
 @struct.dataclass
@@ -61,6 +64,8 @@ class ModelConfig:
     vocab_multiple: int = 64  # the embedding table is padded up to a multiple of this (50257 -> 50304) for speed
     rope_base: float = 10000.0
     attention: str = "auto"  # kernel for whole-sequence attention (training, evaluation); all give the same numbers
+    scan_layers: bool = False  # one Block run n_layer times by nn.scan, parameters stacked [n_layer, ...]
+    remat: str = "none"  # recompute each block's activations in the backward pass: 'none', 'full', 'dots_saveable'
 
     @property
     def padded_vocab_size(self) -> int:
@@ -191,7 +196,7 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_T, *, deterministic: bool = True, decode: bool = False):
+    def __call__(self, x_BxTxD, positions_T, deterministic: bool = True, decode: bool = False):
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
         attention = CausalSelfAttention(cfg, name="attn")
@@ -223,7 +228,10 @@ class GPT(nn.Module):
             self.position_embedding = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
                                                param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.01))
         self.embedding_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = [Block(cfg) for _ in range(cfg.n_layer)]
+        block = Block  # or, for deep models, the same block trading compute for memory (and one compiled copy):
+        if cfg.remat != "none":  # (self, x, positions, deterministic, decode): the mode switches are static
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3, 4))
+        self.blocks = block(cfg, name="blocks") if cfg.scan_layers else [block(cfg) for _ in range(cfg.n_layer)]
         self.ln_f = layer_norm(cfg, "ln_f")
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(cfg.padded_vocab_size, use_bias=False, dtype=cfg.compute_dtype,
@@ -246,8 +254,11 @@ class GPT(nn.Module):
         elif cfg.pos_embedding == "learned":
             x_BxTxD = x_BxTxD + self.position_embedding(positions_T)[None]
         x_BxTxD = self.embedding_dropout(x_BxTxD, deterministic=deterministic)
-        for block in self.blocks:
-            x_BxTxD = block(x_BxTxD, positions_T, deterministic=deterministic, decode=decode)
+        if cfg.scan_layers:
+            x_BxTxD = scan_blocks(self.blocks, x_BxTxD, positions_T, deterministic, decode, cfg.n_layer)
+        else:
+            for block in self.blocks:
+                x_BxTxD = block(x_BxTxD, positions_T, deterministic, decode)
         return self.ln_f(x_BxTxD)
 
     def output_logits(self, hidden_BxTxD):
@@ -257,6 +268,18 @@ class GPT(nn.Module):
         else:
             logits_BxTxV = self.lm_head(hidden_BxTxD)
         return mask_padded_vocab(logits_BxTxV.astype(jnp.float32), self.config.vocab_size)
+
+
+def scan_blocks(block: Block, x_BxTxD, positions_T, deterministic: bool, decode: bool, n_layer: int):
+    """`block` applied n_layer times, each time with the next slice of its stacked parameters (and KV cache): a
+    `lax.scan`, so the step compiles one block instead of n_layer copies."""
+
+    def one_layer(block, x_BxTxD, positions_T, deterministic, decode):
+        return block(x_BxTxD, positions_T, deterministic, decode), None
+
+    layers = nn.scan(one_layer, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=n_layer)
+    return layers(block, x_BxTxD, positions_T, deterministic, decode)[0]
 
 
 def mask_padded_vocab(logits_xV: jax.Array, vocab_size: int) -> jax.Array:

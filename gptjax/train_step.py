@@ -60,13 +60,16 @@ def learning_rate_schedule(train: ml_collections.ConfigDict, total_steps: int) -
 
 
 def weight_decay_mask(params, decay_embeddings: bool = True):
-    """True for weight matrices (Dense kernels, and embeddings unless excluded); False for biases and LayerNorm."""
+    """True for weight matrices (Dense kernels, and embeddings unless excluded); False for biases and LayerNorm.
+
+    Decided by name, not by ndim: with model.scan_layers a block's biases are stacked into [n_layer, F] arrays.
+    """
 
     def decays(path, leaf):
         names = [getattr(key, "key", str(key)) for key in path]
         if any("embedding" in name for name in names):
             return decay_embeddings
-        return leaf.ndim >= 2
+        return names[-1] == "kernel"
 
     return jax.tree.map_with_path(decays, params)
 

@@ -19,7 +19,9 @@ CFG = ModelConfig(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64)
 @pytest.fixture(scope="module")
 def params():
     # Large random weights make the next-token distribution peaked and varied, so greedy paths are informative.
+    # The token embedding first goes from its N(0, 1/D) init to N(0, 0.02): 8 x the init would make it one-hot.
     p = GPT(CFG).init(jax.random.key(0), jnp.zeros((1, CFG.max_len), jnp.int32))["params"]
+    p["token_embedding"]["embedding"] = p["token_embedding"]["embedding"] * 0.02 * np.sqrt(CFG.d_model)
     return jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, p)
 
 

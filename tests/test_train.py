@@ -93,10 +93,11 @@ def test_gradient_accumulation_equals_one_bigger_batch():
     one, metrics_one = step(state, batch.reshape(1, 8, 17))
     four, metrics_four = step(state, batch.reshape(4, 2, 17))
     np.testing.assert_allclose(metrics_one["loss"], metrics_four["loss"], rtol=1e-5)
-    # Adam's first update is about lr x g / |g|, which turns float rounding of a near-zero gradient into up to
-    # ~1e-6 of parameter change; a wrong accumulation would be off by the update itself (lr = 1.5e-3 here).
+    np.testing.assert_allclose(metrics_one["grad_norm"], metrics_four["grad_norm"], rtol=1e-5)
+    # Adam's first update is about lr x g / (|g| + eps), which turns float rounding of a gradient near eps into up to
+    # ~1e-5 of parameter change; a wrong accumulation would be off by the update itself (lr = 1.5e-3 here).
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 DEVICE_PARITY_SCRIPT = """

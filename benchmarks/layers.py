@@ -1,0 +1,85 @@
+"""Deep models: `python -m benchmarks.layers [--config experiments/m1.py] [--n_layer 24]`.
+
+Compiles the real train step of the config's model made `--n_layer` deep, once per layout: unrolled blocks, and
+`model.scan_layers` (one block under nn.scan), each with every `model.remat` policy. For each it reports the compile
+seconds and XLA's memory plan of the compiled step (`Compiled.memory_analysis()`): the temporary buffers, which are
+the activations kept for the backward pass plus scratch, and the arguments (parameters, optimizer state, batch). With
+`--steps N` it also times N steps after compiling (tokens/s), to show what rematerialisation costs in compute.
+Nothing is asserted: the numbers are for reading (see README, Speed).
+"""
+
+import json
+import time
+
+import jax
+
+from gptjax import cli, kernels
+from gptjax import train_step as steps_lib
+from gptjax.configs import build_model_config, load_config_file
+from gptjax.errors import exit_on_user_error
+
+LAYOUTS = [(False, "none"), (False, "full"), (False, "dots_saveable"), (True, "none"), (True, "full"),
+           (True, "dots_saveable")]
+
+
+def compile_and_measure(config, scan_layers: bool, remat: str, batch_size: int, steps: int) -> dict:
+    """Compile seconds, XLA's memory plan and (with steps > 0) tokens/s of the train step in one layout."""
+    config.model.update(scan_layers=scan_layers, remat=remat)
+    cfg = build_model_config(config.model)
+    optimizer = steps_lib.make_optimizer(config.train, 1000)
+    mesh = steps_lib.data_mesh()
+    abstract_state = jax.eval_shape(lambda: steps_lib.create_train_state(cfg, optimizer, seed=0))
+    sharding = steps_lib.replicated_sharding(abstract_state, mesh)
+    step = steps_lib.make_train_step(cfg, optimizer, mesh, sharding, seed=0, donate=False,
+                                     loss_chunk=kernels.loss_chunk_tokens(config.train.loss_chunk_tokens))
+    T = config.data.seq_len
+    batch_shape = jax.ShapeDtypeStruct((1, batch_size, T + 1), jax.numpy.int32)
+    start = time.perf_counter()
+    compiled = step.lower(abstract_state, batch_shape).compile()
+    result = {"layout": ("scan" if scan_layers else "unrolled") + f", remat={remat}",
+              "compile_seconds": time.perf_counter() - start}
+    memory = compiled.memory_analysis()
+    if memory is not None:  # some backends have no memory plan to show
+        result["temp_MiB"] = memory.temp_size_in_bytes / 2 ** 20
+        result["arguments_MiB"] = memory.argument_size_in_bytes / 2 ** 20
+    if steps:
+        state = jax.jit(lambda: steps_lib.create_train_state(cfg, optimizer, seed=0), out_shardings=sharding)()
+        batch = jax.random.randint(jax.random.key(0), batch_shape.shape, 0, cfg.vocab_size)
+        state, metrics = compiled(state, batch)  # warm
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        result["tokens_per_second"] = steps * batch_size * T / (time.perf_counter() - start)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="experiments/m1.py")
+    parser.add_argument("--n_layer", type=int, default=24)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=0, help="also time this many steps per layout")
+    parser.add_argument("--layouts", default="all", help="'all', or e.g. 'unrolled:none,scan:full'")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        cli.require(args.n_layer > 0 and args.batch_size > 0 and args.steps >= 0,
+                    "--n_layer and --batch_size must be positive and --steps at least 0")
+        config = load_config_file(args.config)
+        config.model.n_layer = args.n_layer
+        layouts = LAYOUTS if args.layouts == "all" else [
+            (part.split(":")[0] == "scan", part.split(":")[1]) for part in args.layouts.split(",")]
+        results = [compile_and_measure(config, scan, remat, args.batch_size, args.steps) for scan, remat in layouts]
+    report = {"config": args.config, "n_layer": args.n_layer, "batch_size": args.batch_size,
+              "device": jax.devices()[0].device_kind, "layouts": results}
+    for r in results:
+        print(f"{r['layout']:<28} compile {r['compile_seconds']:6.1f} s | temp {r.get('temp_MiB', float('nan')):8.1f} "
+              f"MiB | arguments {r.get('arguments_MiB', float('nan')):7.1f} MiB"
+              + (f" | {r['tokens_per_second']:,.0f} tokens/s" if "tokens_per_second" in r else ""))
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
