@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Data parallelism over several devices: 'shard_map' (per-device gradients, one written-out pmean per step) or
     # 'jit' (XLA splits the step and places the all-reduce, once per micro-batch); the same numbers either way.
     train.parallelism = "shard_map"
+    # Where parameters and optimizer state live: 'replicated' (a full copy on every device) or 'fsdp' (each array
+    # split over the devices along its largest divisible dimension: memory per device / devices).
+    train.sharding = "replicated"
     # Clip gradients to this global norm (0 disables clipping).
     train.grad_clip = 1.0
     # Print and log metrics every this many steps.
@@ -201,7 +204,7 @@ NUMERIC_RANGES = {
 CHOICES = {
     "model.pos_embedding": POS_EMBEDDINGS, "model.activation": tuple(ACTIVATIONS), "model.dtype": tuple(DTYPES),
     "model.attention": ATTENTIONS, "model.remat": tuple(REMAT_POLICIES),
-    "train.parallelism": ("shard_map", "jit"),
+    "train.parallelism": ("shard_map", "jit"), "train.sharding": ("replicated", "fsdp"),
     "data.source": ("text", "tfds", "hf", "python_docs"),
     "data.txt_documents": ("file", "blank_lines"),
     "data.utf8_errors": ("strict", "replace"),

@@ -72,6 +72,20 @@ def check_batch_layout(train: ml_collections.ConfigDict, num_devices: int, num_p
         raise UserError(f"train.batch_size={train.batch_size} is not divisible by {num_processes} processes")
 
 
+def describe_fsdp(abstract_params, devices: int) -> str:
+    """The note an fsdp run prints: what it splits, and what no device count divides (those arrays stay whole)."""
+    if devices == 1:
+        return "note     | train.sharding='fsdp' on one device splits nothing: the run is the same as 'replicated'"
+    leaves = jax.tree.flatten_with_path(abstract_params)[0]
+    whole = [jax.tree_util.keystr(path) for path, leaf in leaves
+             if steps_lib.fsdp_spec(leaf.shape, devices) == PartitionSpec()]
+    text = f"note     | train.sharding='fsdp': parameters and Adam moments split over {devices} devices"
+    if whole:
+        text += (f"; {len(whole)} array(s) have no dimension {devices} divides and stay whole on every device "
+                 f"({', '.join(whole[:3])}{', ...' if len(whole) > 3 else ''})")
+    return text
+
+
 def prepare_data(config, workdir: str) -> input_pipeline.TokenCache:
     """Process 0 tokenizes (or finds the cache); the others wait for it and then open the same cache."""
     if jax.process_count() == 1:
@@ -271,10 +285,12 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     check_batch_layout(train, mesh.size, jax.process_count())
     optimizer = steps_lib.make_optimizer(train, total_steps)
     abstract_state = jax.eval_shape(lambda: steps_lib.create_train_state(model_config, optimizer, train.seed))
+    if train.sharding == "fsdp" and jax.process_index() == 0:
+        print(describe_fsdp(abstract_state.params, mesh.size))
     return Run(config=config, workdir=workdir, model_config=model_config, cache=cache, tokenizer=tokenizer,
                evaluate=evaluate, total_steps=total_steps, mesh=mesh, optimizer=optimizer,
                schedule=steps_lib.learning_rate_schedule(train, total_steps),
-               state_sharding=steps_lib.replicated_sharding(abstract_state, mesh),
+               state_sharding=steps_lib.state_sharding(abstract_state, mesh, train.sharding),
                manager=checkpoints.make_manager(workdir, keep=train.keep_checkpoints,
                                                 async_save=train.async_checkpoints),
                is_chief=jax.process_index() == 0)
@@ -297,6 +313,10 @@ def initial_state(run: Run) -> tuple[steps_lib.TrainState, dict]:
         last = meta.get("metrics") or {}
         check_same_data(meta, data_fingerprint(config, run.cache), train.accept_data_change)
         changed = checkpoints.check_compatible(meta, config.model.to_dict(), run.workdir)
+        saved_as, here = meta.get("sharding"), {"train.sharding": train.sharding, "devices": run.mesh.size}
+        if saved_as and saved_as != here and run.is_chief:  # Orbax restored it into this run's layout
+            print(f"note     | the checkpoint was saved {saved_as['train.sharding']} over {saved_as['devices']} "
+                  f"device(s); restored {train.sharding} over {run.mesh.size}")
         checkpoints.set_aside_newer(run.manager, run.workdir, meta["step"])  # damaged ones we are about to overwrite
     elif train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
         params, _, meta = checkpoints.load_for_inference(train.init_from)
@@ -415,7 +435,8 @@ def save(run: Run, state, step: int, metrics: dict) -> None:
     num_windows = run.cache.stream("train").num_windows(config.data.seq_len)
     meta = {"step": step, "config": config.to_dict(), "tokenizer": config.data.tokenizer,
             "data_position": input_pipeline.data_position(step, config.train.batch_size, num_windows),
-            "data_fingerprint": data_fingerprint(config, run.cache), "metrics": metrics}
+            "data_fingerprint": data_fingerprint(config, run.cache), "metrics": metrics,
+            "sharding": {"train.sharding": config.train.sharding, "devices": run.mesh.size}}
     checkpoints.save(run.manager, step, state.params, state.opt_state, meta)
 
 

@@ -3,7 +3,8 @@
 Nothing here touches files or the clock. `make_train_step` returns `train_step(state, batch) -> (state, metrics)`,
 compiled once; on several devices it runs data-parallel: the batch is split over a 1-D device mesh ('data'), each
 device computes gradients on its rows (`shard_map`, the modern spelling of pmap) and one `pmean` averages them,
-once per step. Parameters and optimizer state are replicated. (train.parallelism='jit' leaves the split to XLA.)
+once per step. Parameters and optimizer state are replicated, or with train.sharding='fsdp' split over the devices
+(`state_sharding`). (train.parallelism='jit' leaves the split of the computation to XLA.)
 """
 
 import functools
@@ -225,6 +226,23 @@ def make_eval_step(model_config: ModelConfig, mesh: Mesh, params_sharding):
 def replicated_sharding(tree, mesh: Mesh):
     """A sharding for every array of `tree` (a train state, or params): replicated on every device."""
     return jax.tree.map(lambda _: replicated(mesh), tree)
+
+
+def fsdp_spec(shape: tuple[int, ...], devices: int) -> PartitionSpec:
+    """The array split over the 'data' axis along its largest dimension that the device count divides (ZeRO-3 /
+    FSDP); replicated if none does (scalars, small odd vectors)."""
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % devices == 0:
+            return PartitionSpec(*[("data" if d == dim else None) for d in range(len(shape))])
+    return PartitionSpec()
+
+
+def state_sharding(tree, mesh: Mesh, sharding: str = "replicated"):
+    """train.sharding: 'replicated' (every device holds everything) or 'fsdp' (each parameter and its Adam moments
+    split over the devices; XLA gathers a parameter where a step needs it and reduce-scatters its gradient)."""
+    if sharding == "replicated":
+        return replicated_sharding(tree, mesh)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, mesh.size)), tree)
 
 
 def global_batch(local_batch: np.ndarray, mesh: Mesh, spec: PartitionSpec) -> jax.Array:

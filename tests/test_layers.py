@@ -1,4 +1,4 @@
-"""model.scan_layers (nn.scan over stacked blocks) and model.remat (nn.remat): the same numbers as the unrolled model."""
+"""model.scan_layers (nn.scan over stacked blocks) and model.remat (nn.remat): the unrolled model's numbers."""
 
 import jax
 import numpy as np

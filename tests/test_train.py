@@ -275,7 +275,8 @@ def test_unknown_config_key_on_the_command_line_is_one_line():
                                      "valid keys there: " + str(sorted(small_config().train.keys())))
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])  # fsdp: each process holds and saves half of the state
+def test_two_processes_train_like_one(tmp_path, sharding):
     import socket
 
     with socket.socket() as s:
@@ -287,7 +288,8 @@ def test_two_processes_train_like_one(tmp_path):
     assert single.returncode == 0, err_single[-2000:]
     workers = [run_train_command(str(tmp_path / "multi"), *common,
                                  f"--config.train.coordinator_address=localhost:{port}",
-                                 "--config.train.num_processes=2", f"--config.train.process_id={i}")
+                                 "--config.train.num_processes=2", f"--config.train.process_id={i}",
+                                 f"--config.train.sharding={sharding}")
                for i in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (out, err) in zip(workers, outputs):

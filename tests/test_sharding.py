@@ -1,0 +1,128 @@
+"""train.sharding='fsdp': parameters and Adam moments split over the devices, the same numbers as one device."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec
+
+from gptjax import train_step as steps_lib
+from gptjax.train import describe_fsdp
+from tests.test_train import REPO_ROOT
+
+FSDP_SCRIPT = """
+import tempfile
+import jax, numpy as np
+from jax.sharding import PartitionSpec
+from gptjax import checkpoints
+from gptjax import train_step as steps_lib
+from gptjax.configs import build_model_config
+from tests.test_train import small_config
+
+assert len(jax.devices()) == 4
+config = small_config()
+cfg = build_model_config(config.model)
+opt = steps_lib.make_optimizer(config.train, 10)
+batches = jax.random.randint(jax.random.key(1), (3, 2, 8, 17), 0, 50257)  # 3 steps of 2 micro-batches of 8
+
+
+def run(devices, sharding, parallelism):
+    mesh = steps_lib.data_mesh(devices)
+    state = steps_lib.create_train_state(cfg, opt, seed=0)
+    shardings = steps_lib.state_sharding(state, mesh, sharding)
+    state = jax.device_put(state, shardings)
+    step = steps_lib.make_train_step(cfg, opt, mesh, shardings, seed=0, donate=True, parallelism=parallelism)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, steps_lib.global_batch(np.asarray(batch), mesh, PartitionSpec(None, "data")))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+def bytes_on(device, tree):
+    return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards if s.device == device)
+
+
+def assert_same(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+
+
+one_losses, one = run(jax.devices()[:1], "replicated", "shard_map")
+for parallelism in ("jit", "shard_map"):
+    losses, state = run(jax.devices(), "fsdp", parallelism)
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+    assert_same(one.params, state.params, 1e-5)
+    ratio = bytes_on(jax.devices()[0], (state.params, state.opt_state)) / bytes_on(
+        jax.devices()[0], (one.params, one.opt_state))
+    print(parallelism, "losses", losses, "bytes per device / replicated:", ratio)
+    assert 0.24 < ratio < 0.26, ratio
+    qkv = state.params["blocks_0"]["attn"]["qkv"]["kernel"]  # [32, 96]: split along the 96
+    assert qkv.sharding.spec == PartitionSpec(None, "data") and qkv.addressable_shards[0].data.shape == (32, 24)
+
+# A checkpoint saved split over 4 devices restores on 1 device, and one saved on 1 device restores split over 4.
+layouts = {"fsdp over 4": (jax.devices(), "fsdp"), "replicated on 1": (jax.devices()[:1], "replicated")}
+for saved_name, saved_state in (("fsdp over 4", state), ("replicated on 1", one)):
+    with tempfile.TemporaryDirectory() as workdir:
+        manager = checkpoints.make_manager(workdir, async_save=False)
+        checkpoints.save(manager, 3, saved_state.params, saved_state.opt_state,
+                         {"step": 3, "config": config.to_dict()})
+        manager.wait_until_finished()
+        for name, (devices, sharding) in layouts.items():
+            mesh = steps_lib.data_mesh(devices)
+            target = steps_lib.create_train_state(cfg, opt, seed=7)
+            target_shardings = steps_lib.state_sharding(target, mesh, sharding)
+            target = jax.device_put(target, target_shardings)
+            params, opt_state, meta = checkpoints.restore_latest(manager, workdir, config.model.to_dict(),
+                                                                 target.params, target.opt_state)
+            assert meta["step"] == 3
+            assert_same(params, saved_state.params, 0)
+            assert_same(opt_state, saved_state.opt_state, 0)
+            for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(target_shardings.params)):
+                assert got.sharding == want, (got.sharding, want)
+            print("saved", saved_name, "-> restored", name)
+print("FSDP OK")
+"""
+
+
+def test_fsdp_over_four_devices_matches_one_device_and_checkpoints_move_between_them():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO_ROOT)
+    result = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], env=env, cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert "FSDP OK" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shape, devices, spec", [
+    ((50304, 256), 4, PartitionSpec("data", None)),  # the embedding: along the vocabulary
+    ((256, 768), 4, PartitionSpec(None, "data")),  # qkv: along the larger output
+    ((8, 256, 768), 4, PartitionSpec(None, None, "data")),  # stacked by model.scan_layers: never the layer axis here
+    ((256,), 3, PartitionSpec()),  # no dimension 3 divides: whole on every device
+    ((), 4, PartitionSpec()),  # Adam's step count
+])
+def test_fsdp_splits_the_largest_divisible_dimension(shape, devices, spec):
+    assert steps_lib.fsdp_spec(shape, devices) == spec
+
+
+def test_fsdp_says_what_it_cannot_split_and_that_one_device_splits_nothing():
+    params = {"w": jax.ShapeDtypeStruct((6, 4), "float32"), "ln": {"scale": jax.ShapeDtypeStruct((5,), "float32")}}
+    assert describe_fsdp(params, 1) == ("note     | train.sharding='fsdp' on one device splits nothing: the run is "
+                                        "the same as 'replicated'")
+    assert describe_fsdp(params, 2).endswith("1 array(s) have no dimension 2 divides and stay whole on every device "
+                                             "(['ln']['scale'])")
+
+
+def test_a_run_resumes_under_another_sharding_and_says_so(tmp_path, capsys):
+    from gptjax.train import train_and_evaluate
+    from tests.test_train import read_metrics, small_config
+
+    train_and_evaluate(small_config(steps=2), str(tmp_path), progress=False)
+    capsys.readouterr()
+    resumed = small_config(steps=4, sharding="fsdp")
+    train_and_evaluate(resumed, str(tmp_path), progress=False)
+    out = capsys.readouterr().out
+    assert "train.sharding='fsdp' on one device splits nothing" in out
+    assert "the checkpoint was saved replicated over 1 device(s); restored fsdp over 1" in out
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
