@@ -244,6 +244,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     build_model_config(config.model)  # the shape rules between model keys
 
 
+def scan_layers_supported() -> bool:
+    """Whether flax's nn.scan runs here: flax 0.10.4 calls jax.api_util.debug_info, which jax 0.5.0 (the only jax
+    jax-metal runs, so the Apple stack) does not have."""
+    import jax.api_util
+
+    return hasattr(jax.api_util, "debug_info")
+
+
 def build_model_config(model: Mapping[str, Any]) -> ModelConfig:
     """The checked ModelConfig of an experiment's `model` group (a ConfigDict, or the dict a checkpoint records).
 
@@ -265,6 +273,12 @@ def build_model_config(model: Mapping[str, Any]) -> ModelConfig:
         raise UserError(f"rope needs an even head size, but d_model / n_head = {cfg.head_dim}")
     if cfg.pos_embedding == "sinusoidal" and cfg.d_model % 2:
         raise UserError(f"sinusoidal positions need an even d_model, got {cfg.d_model}")
+    if cfg.scan_layers and not scan_layers_supported():
+        import jax
+
+        raise UserError(f"model.scan_layers=true needs flax's nn.scan, which cannot run on jax {jax.__version__} (the "
+                        f"jax-metal stack: its flax calls jax.api_util.debug_info, missing there); use "
+                        f"model.scan_layers=false (model.remat works without it)")
     return cfg
 
 

@@ -6,13 +6,16 @@ import pytest
 
 from gptjax import checkpoints, sampling
 from gptjax import train_step as steps_lib
+from gptjax.configs import build_model_config, scan_layers_supported
 from gptjax.convert import hf_state_dict, stack_blocks, unstack_blocks
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params
 from tests.test_train import read_metrics, small_config
 
 CFG = ModelConfig(max_len=16, n_layer=3, n_head=2, d_model=32, d_ff=64)
-VARIANTS = [(False, "full"), (False, "dots_saveable"), (True, "none"), (True, "full"), (True, "dots_saveable")]
+needs_scan = pytest.mark.skipif(not scan_layers_supported(), reason="flax's nn.scan does not run on this jax (0.5.0)")
+VARIANTS = [(False, "full"), (False, "dots_saveable"), *[pytest.param(True, remat, marks=needs_scan)
+                                                         for remat in ("none", "full", "dots_saveable")]]
 
 
 def unrolled_params():
@@ -29,6 +32,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@needs_scan
 def test_the_stacked_layout_is_the_unrolled_one_with_a_layer_axis():
     params = unrolled_params()
     scanned = GPT(CFG.replace(scan_layers=True)).init(jax.random.key(0), jax.numpy.zeros((1, 16), jax.numpy.int32))
@@ -52,6 +56,7 @@ def test_same_loss_and_gradients_as_the_unrolled_model(scan_layers, remat, loss_
     assert_trees_close(unstack_blocks(grads, cfg.n_layer) if scan_layers else grads, want_grads)
 
 
+@needs_scan
 def test_a_scanned_rematerialised_run_trains_like_the_unrolled_one():
     config = small_config()
     optimizer = steps_lib.make_optimizer(config.train, 10)
@@ -73,6 +78,7 @@ def test_a_scanned_rematerialised_run_trains_like_the_unrolled_one():
     assert_trees_close(results[0][1], unstack_blocks(results[1][1], CFG.n_layer), atol=1e-5)
 
 
+@needs_scan
 def test_the_scanned_kv_cache_decodes_the_same_tokens():
     params = unrolled_params()
     prompt = [464, 3797, 3332]
@@ -110,6 +116,14 @@ def test_a_checkpoint_of_the_other_layout_is_refused_and_remat_may_change():
     assert checkpoints.check_compatible(older, here, "run") == []  # saved before the keys existed: the defaults
 
 
+@pytest.mark.skipif(scan_layers_supported(), reason="nn.scan runs here")
+def test_scan_layers_is_one_line_where_flax_cannot_scan():
+    with pytest.raises(UserError, match=r"model.scan_layers=true needs flax's nn.scan, which cannot run on jax 0.5.0 "
+                                        r".*use model.scan_layers=false \(model.remat works without it\)"):
+        build_model_config(small_config().model.to_dict() | {"scan_layers": True})
+
+
+@needs_scan
 def test_train_and_sample_with_scan_layers_and_remat(tmp_path):
     from gptjax.train import train_and_evaluate
 
