@@ -1,16 +1,12 @@
 """train.sharding='fsdp': parameters and Adam moments split over the devices, the same numbers as one device."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import pytest
 from jax.sharding import PartitionSpec
 
 from gptjax import train_step as steps_lib
 from gptjax.train import describe_fsdp
-from tests.test_train import REPO_ROOT
+from tests.test_train import run_on_four_host_devices
 
 FSDP_SCRIPT = """
 import tempfile
@@ -88,11 +84,8 @@ print("FSDP OK")
 
 
 def test_fsdp_over_four_devices_matches_one_device_and_checkpoints_move_between_them():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], env=env, cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=600)
-    assert "FSDP OK" in result.stdout, result.stdout + result.stderr[-3000:]
+    output = run_on_four_host_devices(FSDP_SCRIPT, timeout=600)
+    assert "FSDP OK" in output, output
 
 
 @pytest.mark.parametrize("shape, devices, spec", [

@@ -132,12 +132,19 @@ print("PARITY OK")
 """
 
 
-def test_four_devices_match_one_device_with_either_parallelism():
+def run_on_four_host_devices(script: str, timeout: int = 300) -> str:
+    """Runs a Python script in a process whose CPU is split into 4 XLA devices; returns its stdout (with stderr's
+    tail on failure, for the assertion message)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, "-c", DEVICE_PARITY_SCRIPT], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert "PARITY OK" in result.stdout, result.stdout + result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    return result.stdout + ("" if result.returncode == 0 else result.stderr[-3000:])
+
+
+def test_four_devices_match_one_device_with_either_parallelism():
+    output = run_on_four_host_devices(DEVICE_PARITY_SCRIPT)
+    assert "PARITY OK" in output, output
 
 
 ALL_REDUCE_SCRIPT = """
@@ -167,11 +174,8 @@ print("ONCE PER STEP")
 
 
 def test_gradients_cross_devices_once_per_step_not_once_per_micro_batch():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, "-c", ALL_REDUCE_SCRIPT], env=env, cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert "ONCE PER STEP" in result.stdout, result.stdout + result.stderr[-3000:]
+    output = run_on_four_host_devices(ALL_REDUCE_SCRIPT)
+    assert "ONCE PER STEP" in output, output
 
 
 def test_resume_gives_the_same_run(tmp_path):
