@@ -46,7 +46,7 @@ REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable
 @struct.dataclass
 class ModelConfig:
     """The model's hyper-parameters: frozen and hashable, so it can be a static argument of a jitted function.
-    Build one from an experiment config with `gptjax.configs.model_config`, which checks the values."""
+    Build one from an experiment config with `gptjax.configs.build_model_config`, which checks the values."""
 
     vocab_size: int = 50257  # GPT-2's BPE vocabulary
     max_len: int = 256  # context window in tokens
