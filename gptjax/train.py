@@ -229,6 +229,8 @@ class Run:
     workdir: str
     model_config: ModelConfig
     cache: input_pipeline.TokenCache
+    train_stream: input_pipeline.TokenStream  # the cache's splits, memory-mapped once for the whole run
+    eval_stream: input_pipeline.TokenStream
     tokenizer: Any
     evaluate: bool  # whether held-out evaluation runs (see check_evaluation_data)
     total_steps: int
@@ -274,7 +276,8 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     model_config = build_model_config(config.model)
     os.makedirs(workdir, exist_ok=True)
     cache = prepare_data(config, workdir)
-    input_pipeline.check_enough_tokens(cache.stream("train"), data.seq_len, "train")
+    train_stream, eval_stream = cache.stream("train"), cache.stream("validation")
+    input_pipeline.check_enough_tokens(train_stream, data.seq_len, "train")
     evaluate = check_evaluation_data(config, cache)
     tokenizer = load_tokenizer(data.tokenizer)
     if len(tokenizer) > model_config.vocab_size:
@@ -287,7 +290,8 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     abstract_state = jax.eval_shape(lambda: steps_lib.create_train_state(model_config, optimizer, train.seed))
     if train.sharding == "fsdp" and jax.process_index() == 0:
         print(describe_fsdp(abstract_state.params, mesh.size))
-    return Run(config=config, workdir=workdir, model_config=model_config, cache=cache, tokenizer=tokenizer,
+    return Run(config=config, workdir=workdir, model_config=model_config, cache=cache,
+               train_stream=train_stream, eval_stream=eval_stream, tokenizer=tokenizer,
                evaluate=evaluate, total_steps=total_steps, mesh=mesh, optimizer=optimizer,
                schedule=steps_lib.learning_rate_schedule(train, total_steps),
                state_sharding=steps_lib.state_sharding(abstract_state, mesh, train.sharding),
@@ -341,7 +345,7 @@ def print_plan(run: Run, start_step: int) -> None:
           f"(6N + 12LTD) | {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.pos_embedding} positions, "
           f"{cfg.activation}")
     print(f"data     | {input_pipeline.describe_source(data)} | train {cache.num_tokens('train'):,} tokens "
-          f"({cache.stream('train').num_windows(data.seq_len):,} windows of {data.seq_len + 1}) | validation "
+          f"({run.train_stream.num_windows(data.seq_len):,} windows of {data.seq_len + 1}) | validation "
           f"{cache.num_tokens('validation'):,} tokens")
     planned_tokens = run.total_steps * tokens_per_step
     print(f"budget   | {run.total_steps:,} steps x {tokens_per_step:,} tokens = {describe(planned_tokens)} tokens "
@@ -360,7 +364,7 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
                                         loss_chunk=kernels.loss_chunk_tokens(train.loss_chunk_tokens),
                                         parallelism=train.parallelism)
     eval_fn = steps_lib.make_eval_step(run.model_config, run.mesh, run.state_sharding.params)
-    batches = input_pipeline.train_batches(run.cache.stream("train"), data.seq_len, train.batch_size, train.seed,
+    batches = input_pipeline.train_batches(run.train_stream, data.seq_len, train.batch_size, train.seed,
                                            start_step, jax.process_index(), jax.process_count())
     local_shape = (train.grad_accum_steps, train.batch_size // jax.process_count() // train.grad_accum_steps,
                    data.seq_len + 1)  # [A, rows of this process, T1]
@@ -418,7 +422,7 @@ def report(run: Run, state, metrics: dict, step: int, speed: "Speedometer", eval
             "tokens_per_second": tokens_per_second,
             "mfu": tokens_per_second * flops_per_token(run.model_config) / (run.peak[0] * run.mesh.size)}
     if evaluate:
-        last.update(evaluate_loss(state.params, eval_fn, run.cache.stream("validation"), data.seq_len,
+        last.update(evaluate_loss(state.params, eval_fn, run.eval_stream, data.seq_len,
                                   train.batch_size // train.grad_accum_steps, train.eval_steps, run.mesh))
         if run.is_chief and jax.process_count() == 1:
             text = sample_text(state.params, run.model_config, run.tokenizer, train.seed + step)
@@ -432,7 +436,7 @@ def report(run: Run, state, metrics: dict, step: int, speed: "Speedometer", eval
 def save(run: Run, state, step: int, metrics: dict) -> None:
     """A checkpoint of `state` at `step`, with what a resume checks: the config, the data position and fingerprint."""
     config = run.config
-    num_windows = run.cache.stream("train").num_windows(config.data.seq_len)
+    num_windows = run.train_stream.num_windows(config.data.seq_len)
     meta = {"step": step, "config": config.to_dict(), "tokenizer": config.data.tokenizer,
             "data_position": input_pipeline.data_position(step, config.train.batch_size, num_windows),
             "data_fingerprint": data_fingerprint(config, run.cache), "metrics": metrics,

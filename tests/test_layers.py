@@ -116,7 +116,8 @@ def test_a_checkpoint_of_the_other_layout_is_refused_and_remat_may_change():
     assert checkpoints.check_compatible(older, here, "run") == []  # saved before the keys existed: the defaults
 
 
-@pytest.mark.skipif(scan_layers_supported(), reason="nn.scan runs here")
+@pytest.mark.skipif(scan_layers_supported(), reason="checks the error shown where nn.scan cannot run (jax 0.5.0); "
+                    "here it runs, so there is no error to check")
 def test_scan_layers_is_one_line_where_flax_cannot_scan():
     with pytest.raises(UserError, match=r"model.scan_layers=true needs flax's nn.scan, which cannot run on jax 0.5.0 "
                                         r".*use model.scan_layers=false \(model.remat works without it\)"):
