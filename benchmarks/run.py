@@ -7,7 +7,8 @@ Measures on this machine, in one run, and prints a table and one JSON object:
 - training tokens/s and MFU of the real jitted `train_step` at the config's shape (on a CPU the batch defaults to 16
   sequences, as nanoGPT's CPU reference point);
 - evaluation tokens/s;
-- sampling tokens/s with the KV cache at batch 1 and 8 (and without it, for the ratio);
+- sampling tokens/s with the KV cache at batch 1 and 8 (and without it, for the ratio), and at batch 1 with the
+  output layer in bfloat16, beside the memory roofline (bytes read per token over the measured read bandwidth);
 - input pipeline tokens/s (tokenizing and reading the cache);
 - with PyTorch installed, the same-shape Hugging Face GPT-2 (PyTorch) training step and `generate`, as references,
   timed taking turns with gptjax's so that both see the same load on a shared machine.
@@ -123,10 +124,15 @@ def head_to_head(train_setup, rounds: int, new_tokens: int = 255) -> dict:
                "torch_train_tokens_per_second": tokens / seconds["torch"],
                "train_speed_vs_torch": seconds["torch"] / seconds["gptjax"]}
     for b in (1, 8):
-        seconds = alternated({"gptjax": sampling_bench.greedy_generate(state.params, cfg, b, new_tokens),
-                              "torch": lambda: torch_generate(b, new_tokens)}, max(2, rounds // 2))
+        # At batch 1 also the opt-in bfloat16 output layer, in the same turns (so against the same torch runs).
+        gptjax = {"float32": sampling_bench.greedy_generate(state.params, cfg, b, new_tokens)}
+        if b == 1:
+            gptjax["bfloat16"] = sampling_bench.greedy_generate(state.params, cfg, b, new_tokens, "bfloat16")
+        seconds = alternated({**gptjax, "torch": lambda: torch_generate(b, new_tokens)}, max(2, rounds // 2))
         results[f"torch_generate_tokens_per_second_batch{b}"] = b * new_tokens / seconds["torch"]
-        results[f"sample_speed_vs_torch_batch{b}"] = seconds["torch"] / seconds["gptjax"]
+        results[f"sample_speed_vs_torch_batch{b}"] = seconds["torch"] / seconds["float32"]
+        if b == 1:
+            results["sample_speed_vs_torch_batch1_head_bfloat16"] = seconds["torch"] / seconds["bfloat16"]
     return results
 
 

@@ -38,6 +38,15 @@ def matmul_timers(dtype=jnp.float32, sizes=(1024, 2048, 3072), device=None) -> d
     return {n: timer(n) for n in sizes}
 
 
+def memory_read_timer(megabytes: int = 256, device=None):
+    """A function that sums a float32 array of `megabytes` (far larger than any cache) on `device` and waits: its
+    bytes over its best seconds are the memory bandwidth that bounds decoding (see benchmarks/sampling.py)."""
+    device = device or jax.local_devices()[0]
+    array = jax.device_put(jnp.ones((megabytes * 2**20 // 4,), jnp.float32), device)
+    total = jax.jit(jnp.sum)
+    return lambda: total(array).block_until_ready()
+
+
 def peak_from_seconds(seconds_by_size: dict) -> float:
     """The best FLOP/s over matmul sizes, from each size's best seconds per call (2 n^3 FLOPs each)."""
     return max(2 * n**3 / seconds for n, seconds in seconds_by_size.items())

@@ -27,6 +27,9 @@ def define_flags():
     flags.DEFINE_integer("top_k", 200, "Sample only among the k most likely tokens (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "Sample only within the smallest set of tokens with this total probability.")
     flags.DEFINE_integer("seed", 0, "Random seed: the same seed and options give the same samples.")
+    flags.DEFINE_enum("head_dtype", "float32", sampling.HEAD_DTYPES,
+                      "Precision the output layer (the [vocab, d_model] embedding) is read in while decoding: "
+                      "bfloat16 halves its bytes, ~1.5x faster at one sample on a CPU, logits rounded.")
 
 
 FLAGS = flags.FLAGS
@@ -66,7 +69,8 @@ def main():
               f"(the context window)", file=sys.stderr)
     print(f"[step {meta['step']} of {FLAGS.workdir}]", file=sys.stderr)
     options = dict(num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
-                   temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_id=eos)
+                   temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_id=eos,
+                   head_dtype=FLAGS.head_dtype)
     chunks = sampling.generate_chunks(params, model_config, prompt_ids, jax.random.key(FLAGS.seed), **options)
     if FLAGS.num_samples == 1:
         stream_one(chunks, tokenizer, prompt_text, eos)

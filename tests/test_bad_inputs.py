@@ -31,6 +31,7 @@ COMMAND_LINE_CASES = [
                                                             "number in [0, 1)"),
     ("gptjax.prepare", ["--config.data.seq_len=0"], "data.seq_len=0 is out of range"),
     ("gptjax.sample", ["--num_samples=abc"], "flag --num_samples=abc"),
+    ("gptjax.sample", ["--head_dtype=float16"], "flag --head_dtype=float16: value should be one of"),
     ("gptjax.evaluate", ["--batch_size=0"], "--batch_size=0 must be >= 1"),
     ("gptjax.evaluate", ["--max_batches=-1"], "--max_batches=-1 must be >= 0"),
     ("gptjax.scaling", ["--flops", "-1"], "--flops=-1.0 must be a positive number"),

@@ -17,6 +17,10 @@ def test_benchmark_suite_reports_ratios_against_the_measured_peak():
     assert report["mfu_vs_measured_matmul"] == report["train_model_flops_per_second"] / report[
         "matmul_peak_flops_per_second"]
     assert report["cache_speedup_batch1"] > 0 and report["sample_tokens_per_second_batch8_cached"] > 0
+    assert report["sample_batch1_head_bfloat16_of_roofline"] == pytest.approx(
+        report["sample_tokens_per_second_batch1_head_bfloat16_cached"] / report[
+            "roofline_tokens_per_second_batch1_head_bfloat16"])
+    assert report["bytes_per_token_batch1_head_bfloat16"] < report["bytes_per_token_batch1"]
 
 
 def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():
@@ -30,3 +34,4 @@ def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():
     assert report["train_speed_vs_torch"] == pytest.approx(
         report["head_to_head_train_tokens_per_second"] / report["torch_train_tokens_per_second"])
     assert report["sample_speed_vs_torch_batch1"] > 0 and report["sample_speed_vs_torch_batch8"] > 0
+    assert report["sample_speed_vs_torch_batch1_head_bfloat16"] > 0

@@ -49,6 +49,12 @@ def test_decoding_past_the_context_window_slides(params):
     assert sampling.fit_prompt([], CFG, eos_id=50256) == ([50256], 0)
 
 
+def test_first_argmax_is_jnp_argmax_with_ties_to_the_first():
+    logits_BxV = jnp.round(jax.random.normal(jax.random.key(0), (16, 50304)) * 2)  # many ties for the best
+    np.testing.assert_array_equal(jax.jit(sampling.first_argmax)(logits_BxV), jnp.argmax(logits_BxV, axis=-1))
+    assert int(sampling.first_argmax(jnp.array([[1.0, 3.0, 3.0, 2.0]]))[0]) == 1
+
+
 def test_top_k_never_leaves_the_k_best():
     logits = jax.random.normal(jax.random.key(0), (1, 1000))
     best = set(np.argsort(np.asarray(logits[0]))[-5:].tolist())
@@ -101,7 +107,8 @@ def test_sample_command_streams_text(trained_workdir):
                        "--max_new_tokens=20", "--temperature=0")
     assert again.stdout == result.stdout
     many = run_module("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=", "--num_samples=3",
-                      "--max_new_tokens=8", "--prompt_file=" + os.path.join(REPO_ROOT, "README.md"))
+                      "--max_new_tokens=8", "--prompt_file=" + os.path.join(REPO_ROOT, "README.md"),
+                      "--head_dtype=bfloat16")
     assert many.returncode == 0 and many.stdout.count("--- sample") == 3
     assert "keeping its last 16" in many.stderr
 
