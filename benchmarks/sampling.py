@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from gptjax import hardware, sampling
 from gptjax.configs import build_model_config, load_config_file
-from gptjax.model import GPT, ModelConfig, count_params
+from gptjax.model import GPT, ModelConfig
+from gptjax.scaling import matmul_param_count
 
 
 def greedy_generate(params, cfg: ModelConfig, batch: int, new_tokens: int, head_dtype: str = "float32"):
@@ -33,11 +34,8 @@ def bytes_per_token(cfg: ModelConfig, batch: int, head_dtype: str = "float32") -
     """Bytes a decoding step reads per new token: the float32 weights (the output layer at `head_dtype`), shared by
     the batch's rows, and each row's key and value cache, read whole (all max_len slots) at every step. Tables read
     one row per token (an untied input embedding, learned positions) are left out."""
-    params = jax.eval_shape(lambda: GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     head = cfg.padded_vocab_size * cfg.d_model
-    one_row_tables = (0 if cfg.tie_embeddings else head) + (cfg.max_len * cfg.d_model
-                                                            if cfg.pos_embedding == "learned" else 0)
-    weight_bytes = (count_params(params) - head - one_row_tables) * 4 + head * (2 if head_dtype == "bfloat16" else 4)
+    weight_bytes = (matmul_param_count(cfg) - head) * 4 + head * (2 if head_dtype == "bfloat16" else 4)
     cache_bytes = 2 * cfg.n_layer * cfg.max_len * cfg.d_model * jnp.dtype(cfg.compute_dtype).itemsize
     return weight_bytes / batch + cache_bytes
 
@@ -64,9 +62,10 @@ def run(config_path: str = "experiments/m1.py", new_tokens: int = 255, uncached_
     results["memory_read_bytes_per_second"] = bandwidth
     for (batch, head_dtype), cached in speeds.items():
         name = f"batch{batch}" + ("_head_bfloat16" if head_dtype == "bfloat16" else "")
-        roofline = bandwidth / bytes_per_token(cfg, batch, head_dtype)
+        read_per_token = bytes_per_token(cfg, batch, head_dtype)
+        roofline = bandwidth / read_per_token
         results[f"sample_tokens_per_second_{name}_cached"] = cached
-        results[f"bytes_per_token_{name}"] = bytes_per_token(cfg, batch, head_dtype)
+        results[f"bytes_per_token_{name}"] = read_per_token
         results[f"roofline_tokens_per_second_{name}"] = roofline
         results[f"sample_{name}_of_roofline"] = cached / roofline
         if head_dtype == "float32":

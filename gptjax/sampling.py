@@ -102,12 +102,12 @@ def output_head(params, model_config: ModelConfig, head_dtype: str = "float32") 
     if head_dtype not in HEAD_DTYPES:
         raise ValueError(f"head_dtype={head_dtype!r} is not one of {HEAD_DTYPES}")
     if model_config.tie_embeddings:
-        weights_VxD = params["token_embedding"]["embedding"]
+        weights_DxV = jnp.transpose(params["token_embedding"]["embedding"])  # a new array, stored [D, V]
     else:
-        weights_VxD = params["lm_head"]["kernel"].T
+        weights_DxV = params["lm_head"]["kernel"]  # already [D, V]
     if head_dtype == "bfloat16":
-        return jnp.asarray(weights_VxD, jnp.bfloat16)
-    return jnp.transpose(weights_VxD).astype(jnp.float32)  # a new array, stored [D, V]
+        return jnp.transpose(weights_DxV).astype(jnp.bfloat16)
+    return jnp.asarray(weights_DxV, jnp.float32)
 
 
 def head_logits(hidden_BxD: jax.Array, head: jax.Array, vocab_size: int) -> jax.Array:
@@ -186,15 +186,15 @@ def generate_chunks(params, model_config: ModelConfig, prompt_ids: list[int] | n
     options = dict(model_config=model_config, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
     # The host follows the cache position (it only counts), so it knows when the cache is full without asking
     # the device, and slides the window at exactly that step.
-    length, cache_position = len(prompt), len(prompt)
-    while length - len(prompt) < max_new_tokens:
+    produced, cache_position = 0, len(prompt)
+    while produced < max_new_tokens:
         slide = cache_position == model_config.max_len
-        steps = 1 if slide else min(chunk, max_new_tokens - (length - len(prompt)),
-                                    model_config.max_len - cache_position)
+        steps = 1 if slide else min(chunk, max_new_tokens - produced, model_config.max_len - cache_position)
         state = decode_steps(params, head, state, jnp.asarray(steps, jnp.int32), slide=slide, **options)
         cache_position = slide_window(model_config) if slide else cache_position + steps
-        yield np.asarray(state.tokens_BxL[:, length: length + steps])
-        length += steps
+        start = len(prompt) + produced
+        yield np.asarray(state.tokens_BxL[:, start: start + steps])
+        produced += steps
         if bool(state.done_B.all()):
             return
 

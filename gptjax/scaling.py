@@ -38,13 +38,19 @@ def param_count(cfg: ModelConfig) -> int:
     return total + (0 if cfg.tie_embeddings else D * V)
 
 
-def flops_per_token(cfg: ModelConfig) -> int:
-    """Training FLOPs per token, forward + backward: 6 (matmul parameters) + 12 n_layer T D (PaLM appendix B, as
-    nanoGPT's MFU). Table lookups (learned positions, an untied input embedding) are not matmuls, so not counted."""
+def matmul_param_count(cfg: ModelConfig) -> int:
+    """Parameters every token multiplies with: all but the tables read one row per token (learned positions, an
+    untied input embedding). Training computes with each of them; a decoding step reads each of them once."""
     n_matmul = param_count(cfg)
     n_matmul -= cfg.max_len * cfg.d_model if cfg.pos_embedding == "learned" else 0
     n_matmul -= 0 if cfg.tie_embeddings else cfg.padded_vocab_size * cfg.d_model
-    return 6 * n_matmul + 12 * cfg.n_layer * cfg.max_len * cfg.d_model
+    return n_matmul
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    """Training FLOPs per token, forward + backward: 6 (matmul parameters) + 12 n_layer T D (PaLM appendix B, as
+    nanoGPT's MFU). Table lookups (learned positions, an untied input embedding) are not matmuls, so not counted."""
+    return 6 * matmul_param_count(cfg) + 12 * cfg.n_layer * cfg.max_len * cfg.d_model
 
 
 # ----------------------------------------------------------------------------------------------------------------
