@@ -143,6 +143,7 @@ def main() -> None:
                                                         "accelerator, 16 on a CPU)")
     parser.add_argument("--grad_accum_steps", type=int)
     parser.add_argument("--dtype", help="override model.dtype (float32 / bfloat16)")
+    parser.add_argument("--attention", help="override model.attention (auto / xla / chunked / cudnn)")
     parser.add_argument("--loss_chunk_tokens", type=int, help="override train.loss_chunk_tokens (0 = plain loss)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the PyTorch reference and the input pipeline")
@@ -161,6 +162,8 @@ def main() -> None:
 def run(config, args) -> None:
     if args.dtype:
         config.model.dtype = args.dtype
+    if args.attention:
+        config.model.attention = args.attention  # checked with the rest of the model by build_model_config below
     if args.loss_chunk_tokens is not None:
         config.train.loss_chunk_tokens = args.loss_chunk_tokens
     on_cpu = jax.default_backend() == "cpu"
@@ -169,9 +172,9 @@ def run(config, args) -> None:
     with exit_on_user_error():
         cli.require(batch_size % accum == 0,
                     f"--batch_size={batch_size} is not divisible by --grad_accum_steps={accum}")
-    build_model_config(config.model)  # a bad shape is one line, before anything compiles
+        build_model_config(config.model)  # a bad shape or choice is one line, before anything compiles
     results = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
-               "config": args.config,
+               "config": args.config, "attention": kernels.attention_kernel(config.model.attention),
                "loss_chunk_tokens": kernels.loss_chunk_tokens(config.train.loss_chunk_tokens)}
     train_setup = make_train_step(config, batch_size, accum)  # compiled once, timed by both measurements
     results.update(train_speed(train_setup, args.repeats, (1024, 2048, 3072) if on_cpu else (4096, 8192)))

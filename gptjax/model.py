@@ -17,7 +17,7 @@ Shape legend, used in names (`x_BxTxD`) and comments across gptjax:
     1  a dimension of size 1              a leading x (`logits_xV`): any leading dimensions
 
 This file is the textbook path. Where a backend has a faster way to compute the same numbers, the choice is made in
-gptjax/kernels/__init__.py; here it is one `if`.
+gptjax/kernels/__init__.py; here it is one `if` per kernel.
 """
 
 import functools
@@ -31,7 +31,7 @@ from flax import struct
 from gptjax import kernels
 
 POS_EMBEDDINGS = ("sinusoidal", "learned", "rope")
-ATTENTIONS = ("auto", "xla", "chunked")
+ATTENTIONS = ("auto", "xla", "chunked", "cudnn")
 ACTIVATIONS = {
     "relu": nn.relu,
     # GPT-2 uses the tanh approximation; it is also the only GELU that jax-metal runs.
@@ -155,6 +155,8 @@ class CausalSelfAttention(nn.Module):
             y_BxTxNxH = self.cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, positions_T)
         elif kernels.attention_kernel(cfg.attention) == "xla":
             y_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
+        elif cfg.attention == "cudnn":  # the same numbers from cuDNN's fused kernel: see gptjax/kernels/__init__.py
+            y_BxTxNxH = kernels.cudnn_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
         else:  # the same numbers, faster on a CPU: see gptjax/kernels/attention.py
             y_BxTxNxH = kernels.causal_attention_for_cpu(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
         return dense(cfg, D, "proj", residual=True)(y_BxTxNxH.reshape(B, T, D))

@@ -21,6 +21,15 @@ def test_benchmark_suite_reports_ratios_against_the_measured_peak():
         report["sample_tokens_per_second_batch1_head_bfloat16_cached"] / report[
             "roofline_tokens_per_second_batch1_head_bfloat16"])
     assert report["bytes_per_token_batch1_head_bfloat16"] < report["bytes_per_token_batch1"]
+    assert report["attention"] == "chunked"  # 'auto' on a CPU
+
+
+def test_benchmark_overrides_are_checked_before_anything_runs():
+    result = run_module("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--attention", "flash")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].endswith("model.attention='flash' is not one of "
+                                                           "('auto', 'xla', 'chunked', 'cudnn')")
+    assert "Traceback" not in result.stderr
 
 
 def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from gptjax.configs import build_model_config, load_config_file
+from gptjax import kernels
 from gptjax.errors import UserError
 from gptjax.model import GPT, count_params, sinusoidal_positions
 from gptjax.scaling import flops_per_token, param_count
@@ -117,6 +118,21 @@ def test_attention_choices_give_the_same_model_gradients(small_model_config, dty
     for got, want in zip(jax.tree.leaves(jax.grad(loss)(params, "chunked")),
                          jax.tree.leaves(jax.grad(loss)(params, "xla"))):
         assert np.abs(got - want).max() <= relative_error * np.abs(want).max()  # relative to each tensor's scale
+
+
+def test_cudnn_attention_falls_back_to_xla_with_one_note_where_cudnn_cannot_run(small_model_config, capsys):
+    """Here (no NVIDIA GPU) model.attention='cudnn' must say why it cannot run, once, and give XLA's numbers."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU with cuDNN may run the kernel: this checks the fallback")
+    kernels._cudnn_fallbacks_reported.clear()  # the note is printed once per process: make this test see it
+    cfg = small_model_config.replace(dtype="bfloat16")
+    params, tokens = init(cfg, batch=2)
+    logits = {attention: GPT(cfg.replace(attention=attention)).apply({"params": params}, tokens)
+              for attention in ("cudnn", "xla")}
+    np.testing.assert_array_equal(logits["cudnn"], logits["xla"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "model.attention='cudnn'" in line]
+    assert len(notes) == 1, notes  # n_layer layers trace the kernel, the note is printed once
+    assert "cannot run here" in notes[0] and "using XLA's attention instead" in notes[0]
 
 
 def test_m1_is_about_20m_parameters_and_flops_follow():

@@ -4,6 +4,8 @@ Each computes exactly what a textbook path computes, rearranged for a backend's 
 compares values and gradients), and this is the one place that decides where each runs:
 
 - `attention.chunked_causal_attention`, for `jax.nn.dot_product_attention(q, k, v, is_causal=True)`: on CPUs.
+- cuDNN's fused (flash) attention, for the same call, on NVIDIA GPUs in bfloat16/float16: only when asked for
+  (`model.attention='cudnn'`), as it has not been measured against XLA's kernel yet.
 - `output_loss.fused_output_loss`, for the full logits + cross-entropy of `gptjax.train_step.next_token_loss`:
   on CPUs. Never measured on Apple's Metal GPU, so the textbook paths run there until it is.
 """
@@ -13,8 +15,8 @@ import jax
 from gptjax.kernels.attention import chunked_causal_attention, sequences_per_attention_chunk
 from gptjax.kernels.output_loss import fused_output_loss
 
-__all__ = ["attention_kernel", "causal_attention_for_cpu", "chunked_causal_attention", "fused_output_loss",
-           "loss_chunk_tokens", "sequences_per_attention_chunk"]
+__all__ = ["attention_kernel", "causal_attention_for_cpu", "chunked_causal_attention", "cudnn_causal_attention",
+           "fused_output_loss", "loss_chunk_tokens", "sequences_per_attention_chunk"]
 
 
 def on_cpu() -> bool:
@@ -22,7 +24,8 @@ def on_cpu() -> bool:
 
 
 def attention_kernel(configured: str) -> str:
-    """model.attention with 'auto' resolved: 'chunked' on CPU, 'xla' (jax.nn.dot_product_attention) elsewhere.
+    """model.attention with 'auto' resolved: 'chunked' on CPU, 'xla' (jax.nn.dot_product_attention) elsewhere
+    ('cudnn' only when asked for: see the module docstring).
 
     Measured on a 2-core CPU at the m1 shape, forward + backward per layer: 93 ms (xla), 36 ms (chunked).
     """
@@ -36,6 +39,24 @@ def causal_attention_for_cpu(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH):
     a time as keep the scores within 4 MiB, blocks of 64 queries."""
     B, T, N, _ = q_BxTxNxH.shape
     return chunked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, sequences_per_attention_chunk(B, N, T), 64)
+
+
+_cudnn_fallbacks_reported = set()
+
+
+def cudnn_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH):
+    """`jax.nn.dot_product_attention(..., is_causal=True)` run by cuDNN's fused attention kernel where it can run (an
+    NVIDIA GPU with cuDNN, bfloat16 or float16, a head size cuDNN supports); elsewhere XLA's kernel, the same numbers,
+    after one printed line saying why. JAX decides while tracing, so the choice costs nothing per step."""
+    try:
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True, implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if reason not in _cudnn_fallbacks_reported:
+            _cudnn_fallbacks_reported.add(reason)
+            print(f"note     | model.attention='cudnn' cannot run here ({reason}): using XLA's attention instead "
+                  f"(the same numbers, slower on a GPU)", flush=True)
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
 
 
 def loss_chunk_tokens(configured: int) -> int:
