@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     model.rope_base = 10000.0
     # Attention kernel for whole sequences (training, evaluation): 'xla' (jax.nn.dot_product_attention), 'chunked'
     # (a few sequences at a time, faster on CPU), 'cudnn' (cuDNN's fused attention on an NVIDIA GPU in bfloat16, else
-    # xla after a note) or 'auto' (chunked on CPU, xla elsewhere). All give the same numbers.
+    # xla after a note) or 'auto' (chunked on CPU, xla elsewhere). All compute the same function.
     model.attention = "auto"
     # Run the blocks as one Block under nn.scan (parameters stacked [n_layer, ...]): one compiled block instead of
     # n_layer, for deep models. Checkpoints and converted weights follow the layout; the numbers do not change.

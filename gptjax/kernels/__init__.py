@@ -46,8 +46,8 @@ _cudnn_fallbacks_reported = set()
 
 def cudnn_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH):
     """`jax.nn.dot_product_attention(..., is_causal=True)` run by cuDNN's fused attention kernel where it can run (an
-    NVIDIA GPU with cuDNN, bfloat16 or float16, a head size cuDNN supports); elsewhere XLA's kernel, the same numbers,
-    after one printed line saying why. JAX decides while tracing, so the choice costs nothing per step."""
+    NVIDIA GPU with cuDNN, bfloat16 or float16, a head size cuDNN supports); elsewhere XLA's kernel for the same
+    function, after one printed line saying why. JAX decides while tracing, so the choice costs nothing per step."""
     try:
         return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True, implementation="cudnn")
     except (RuntimeError, ValueError, NotImplementedError) as error:
@@ -55,7 +55,7 @@ def cudnn_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH):
         if reason not in _cudnn_fallbacks_reported:
             _cudnn_fallbacks_reported.add(reason)
             print(f"note     | model.attention='cudnn' cannot run here ({reason}): using XLA's attention instead "
-                  f"(the same numbers, slower on a GPU)", flush=True)
+                  f"(the same function)", flush=True)
         return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
 
 
