@@ -155,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             y_BxTxNxH = self.cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, positions_T)
         elif kernels.attention_kernel(cfg.attention) == "xla":
             y_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
-        elif cfg.attention == "cudnn":  # the same numbers from cuDNN's fused kernel: see gptjax/kernels/__init__.py
+        elif kernels.attention_kernel(cfg.attention) == "cudnn":  # cuDNN's fused kernel: see gptjax/kernels
             y_BxTxNxH = kernels.cudnn_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
         else:  # the same numbers, faster on a CPU: see gptjax/kernels/attention.py
             y_BxTxNxH = kernels.causal_attention_for_cpu(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)

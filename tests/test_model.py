@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.configs import build_model_config, load_config_file
 from gptjax import kernels
+from gptjax.configs import build_model_config, load_config_file
 from gptjax.errors import UserError
 from gptjax.model import GPT, count_params, sinusoidal_positions
 from gptjax.scaling import flops_per_token, param_count
