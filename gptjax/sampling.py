@@ -58,7 +58,7 @@ class DecodeState:
     length: jax.Array  # how many entries of tokens_BxL are filled
     cache_position: jax.Array  # how many tokens the KV cache holds = absolute position of the next token
     logits_BxV: jax.Array  # the model's prediction for the next token
-    cache: dict  # per layer: key and value [B, N, max_len, H]
+    cache: dict  # per layer: key and value [BN, max_len, H], one row per (sample, head)
     done_B: jax.Array  # True once a sample has emitted end-of-text
     rng: jax.Array
 

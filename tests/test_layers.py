@@ -85,7 +85,7 @@ def test_the_scanned_kv_cache_decodes_the_same_tokens():
     want = sampling.generate(params, CFG, prompt, jax.random.key(0), max_new_tokens=20, top_k=1)
     cfg = CFG.replace(scan_layers=True)
     cache = sampling.empty_cache(cfg, 1)
-    assert cache["blocks"]["attn"]["key"].shape == (3, 1, 2, 16, 16)  # [n_layer, B, N, max_len, H]
+    assert cache["blocks"]["attn"]["key"].shape == (3, 2, 16, 16)  # [n_layer, BN, max_len, H]: B 1 x N 2
     got = sampling.generate(stack_blocks(params, 3), cfg, prompt, jax.random.key(0), max_new_tokens=20, top_k=1)
     np.testing.assert_array_equal(got, want)  # 20 tokens: past the 16-token window, so the slide is covered too
 
