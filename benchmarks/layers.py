@@ -4,39 +4,53 @@ Compiles the real train step of the config's model made `--n_layer` deep, once p
 `model.scan_layers` (one block under nn.scan), each with every `model.remat` policy. For each it reports the compile
 seconds and XLA's memory plan of the compiled step (`Compiled.memory_analysis()`): the temporary buffers, which are
 the activations kept for the backward pass plus scratch, and the arguments (parameters, optimizer state, batch). With
-`--steps N` it also times N steps after compiling (tokens/s), to show what rematerialisation costs in compute.
+`--steps N` it also times N steps after compiling (tokens/s and MFU against the device's peak, as `gptjax.train`
+prints it), to show what rematerialisation costs in compute.
+
+`--attention` and `--loss_chunk_tokens` take comma-separated lists, and every layout is measured with every pair, so
+one call gives the whole table a GPU's MFU is read from, e.g. GPT-2 small in bfloat16:
+
+    python -m benchmarks.layers --config experiments/gpt2_small.py --n_layer 12 --batch_size 16 --steps 10 \
+        --layouts unrolled:none,scan:none,scan:dots_saveable --attention xla,cudnn --loss_chunk_tokens 0,1024
+
 Nothing is asserted: the numbers are for reading (see README, Speed).
 """
 
+import itertools
 import json
 import time
 
 import jax
 
-from gptjax import cli, kernels
+from gptjax import cli, hardware, kernels
 from gptjax import train_step as steps_lib
 from gptjax.configs import build_model_config, load_config_file
 from gptjax.errors import exit_on_user_error
+from gptjax.scaling import flops_per_token
 
 LAYOUTS = [(False, "none"), (False, "full"), (False, "dots_saveable"), (True, "none"), (True, "full"),
            (True, "dots_saveable")]
 
 
-def compile_and_measure(config, scan_layers: bool, remat: str, batch_size: int, steps: int) -> dict:
-    """Compile seconds, XLA's memory plan and (with steps > 0) tokens/s of the train step in one layout."""
+def compile_and_measure(config, scan_layers: bool, remat: str, batch_size: int, steps: int,
+                        peak_flops: float = 0.0) -> dict:
+    """Compile seconds, XLA's memory plan and (with steps > 0) tokens/s, and MFU against `peak_flops` (all devices),
+    of the train step in one layout."""
     config.model.update(scan_layers=scan_layers, remat=remat)
     cfg = build_model_config(config.model)
+    loss_chunk = kernels.loss_chunk_tokens(config.train.loss_chunk_tokens)
     optimizer = steps_lib.make_optimizer(config.train, 1000)
     mesh = steps_lib.data_mesh()
     abstract_state = jax.eval_shape(lambda: steps_lib.create_train_state(cfg, optimizer, seed=0))
     sharding = steps_lib.replicated_sharding(abstract_state, mesh)
     step = steps_lib.make_train_step(cfg, optimizer, mesh, sharding, seed=0, donate=False,
-                                     loss_chunk=kernels.loss_chunk_tokens(config.train.loss_chunk_tokens))
+                                     loss_chunk=loss_chunk)
     T = config.data.seq_len
     batch_shape = jax.ShapeDtypeStruct((1, batch_size, T + 1), jax.numpy.int32)
     start = time.perf_counter()
     compiled = step.lower(abstract_state, batch_shape).compile()
     result = {"layout": ("scan" if scan_layers else "unrolled") + f", remat={remat}",
+              "attention": kernels.attention_kernel(config.model.attention), "loss_chunk_tokens": loss_chunk,
               "compile_seconds": time.perf_counter() - start}
     memory = compiled.memory_analysis()
     if memory is not None:  # some backends have no memory plan to show
@@ -52,6 +66,7 @@ def compile_and_measure(config, scan_layers: bool, remat: str, batch_size: int, 
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         result["tokens_per_second"] = steps * batch_size * T / (time.perf_counter() - start)
+        result["mfu"] = result["tokens_per_second"] * flops_per_token(cfg) / peak_flops
     return result
 
 
@@ -62,21 +77,41 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=0, help="also time this many steps per layout")
     parser.add_argument("--layouts", default="all", help="'all', or e.g. 'unrolled:none,scan:full'")
+    parser.add_argument("--attention", help="model.attention values, e.g. 'xla,cudnn' (default: the config's)")
+    parser.add_argument("--loss_chunk_tokens", help="train.loss_chunk_tokens values, e.g. '0,1024' (default: config's)")
+    parser.add_argument("--dtype", help="override model.dtype (float32 / bfloat16)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         cli.require(args.n_layer > 0 and args.batch_size > 0 and args.steps >= 0,
                     "--n_layer and --batch_size must be positive and --steps at least 0")
         config = load_config_file(args.config)
         config.model.n_layer = args.n_layer
-        layouts = LAYOUTS if args.layouts == "all" else [
-            (part.split(":")[0] == "scan", part.split(":")[1]) for part in args.layouts.split(",")]
-        results = [compile_and_measure(config, scan, remat, args.batch_size, args.steps) for scan, remat in layouts]
+        if args.dtype:
+            config.model.dtype = args.dtype  # checked with the rest of the model by build_model_config
+        parts = [part.split(":") for part in args.layouts.split(",")]
+        cli.require(args.layouts == "all" or all(len(p) == 2 and p[0] in ("unrolled", "scan") for p in parts),
+                    f"--layouts={args.layouts!r} is not 'all' or a list like 'unrolled:none,scan:full'")
+        layouts = LAYOUTS if args.layouts == "all" else [(p[0] == "scan", p[1]) for p in parts]
+        attentions = args.attention.split(",") if args.attention else [config.model.attention]
+        loss_chunks = (args.loss_chunk_tokens or str(config.train.loss_chunk_tokens)).split(",")
+        cli.require(all(n.lstrip("-").isdigit() and int(n) >= -1 for n in loss_chunks),
+                    f"--loss_chunk_tokens={args.loss_chunk_tokens} must be whole numbers >= -1 (-1 auto, 0 plain loss)")
+        # Once for every layout, so that all MFUs share one denominator (on a CPU the peak is measured).
+        peak_flops = jax.device_count() * hardware.peak_flops_per_device(
+            args.dtype or config.model.dtype, config.train.peak_flops)[0] if args.steps else 0.0
+        results = []
+        for attention, loss_chunk in itertools.product(attentions, loss_chunks):
+            config.model.attention, config.train.loss_chunk_tokens = attention, int(loss_chunk)
+            results += [compile_and_measure(config, scan, remat, args.batch_size, args.steps, peak_flops)
+                        for scan, remat in layouts]
     report = {"config": args.config, "n_layer": args.n_layer, "batch_size": args.batch_size,
               "device": jax.devices()[0].device_kind, "layouts": results}
     for r in results:
-        print(f"{r['layout']:<28} compile {r['compile_seconds']:6.1f} s | temp {r.get('temp_MiB', float('nan')):8.1f} "
-              f"MiB | arguments {r.get('arguments_MiB', float('nan')):7.1f} MiB"
-              + (f" | {r['tokens_per_second']:,.0f} tokens/s" if "tokens_per_second" in r else ""))
+        print(f"{r['layout']:<28} {r['attention']:>7} loss chunk {r['loss_chunk_tokens']:>4} | compile "
+              f"{r['compile_seconds']:6.1f} s | temp {r.get('temp_MiB', float('nan')):8.1f} MiB | arguments "
+              f"{r.get('arguments_MiB', float('nan')):7.1f} MiB"
+              + (f" | {r['tokens_per_second']:,.0f} tokens/s, MFU {hardware.format_mfu(r['mfu'])}"
+                 if "tokens_per_second" in r else ""))
     print(json.dumps(report))
     return report
 

@@ -39,6 +39,10 @@ COMMAND_LINE_CASES = [
     ("gptjax.scaling", ["--flops", "lots"], "argument --flops: invalid float value: 'lots'"),
     ("benchmarks.run", ["--config", TINY, "--batch_size", "0"], "--batch_size=0 must be >= 1"),
     ("benchmarks.input_pipeline", ["--steps", "0"], "--steps=0 must be >= 1"),
+    ("benchmarks.layers", ["--config", TINY, "--loss_chunk_tokens", "0,big"],
+     "--loss_chunk_tokens=0,big must be whole numbers >= -1"),
+    ("benchmarks.layers", ["--config", TINY, "--layouts", "scan"], "--layouts='scan' is not 'all' or a list like"),
+    ("benchmarks.layers", ["--config", TINY, "--attention", "xla,flash"], "model.attention='flash' is not one of"),
     # Arguments in the wrong form or place.
     ("gptjax.train", ["experiments/tiny.py"],
      "unexpected argument 'experiments/tiny.py': options are passed as --name=value; did you mean --config"),

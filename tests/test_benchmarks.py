@@ -32,6 +32,19 @@ def test_benchmark_overrides_are_checked_before_anything_runs():
     assert "Traceback" not in result.stderr
 
 
+def test_layers_benchmark_measures_every_layout_with_every_kernel_and_loss():
+    from benchmarks import layers
+
+    report = layers.main(["--config", "experiments/tiny.py", "--n_layer", "2", "--batch_size", "2", "--steps", "1",
+                          "--layouts", "unrolled:none,unrolled:full", "--attention", "xla,chunked",
+                          "--loss_chunk_tokens", "0,64"])
+    measured = [(r["attention"], r["loss_chunk_tokens"], r["layout"]) for r in report["layouts"]]
+    assert measured == [(attention, chunk, f"unrolled, remat={remat}") for attention in ("xla", "chunked")
+                        for chunk in (0, 64) for remat in ("none", "full")]
+    for r in report["layouts"]:
+        assert r["compile_seconds"] > 0 and r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1.5
+
+
 def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():
     pytest.importorskip("torch")
     from benchmarks.run import head_to_head, make_train_step
