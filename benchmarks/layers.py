@@ -18,6 +18,7 @@ Nothing is asserted: the numbers are for reading (see README, Speed).
 
 import itertools
 import json
+import re
 import time
 
 import jax
@@ -92,10 +93,13 @@ def main(argv=None) -> dict:
         cli.require(args.layouts == "all" or all(len(p) == 2 and p[0] in ("unrolled", "scan") for p in parts),
                     f"--layouts={args.layouts!r} is not 'all' or a list like 'unrolled:none,scan:full'")
         layouts = LAYOUTS if args.layouts == "all" else [(p[0] == "scan", p[1]) for p in parts]
-        attentions = args.attention.split(",") if args.attention else [config.model.attention]
         loss_chunks = (args.loss_chunk_tokens or str(config.train.loss_chunk_tokens)).split(",")
-        cli.require(all(n.lstrip("-").isdigit() and int(n) >= -1 for n in loss_chunks),
+        cli.require(all(re.fullmatch(r"-?\d+", n) and int(n) >= -1 for n in loss_chunks),
                     f"--loss_chunk_tokens={args.loss_chunk_tokens} must be whole numbers >= -1 (-1 auto, 0 plain loss)")
+        attentions = args.attention.split(",") if args.attention else [config.model.attention]
+        for attention in attentions:  # a bad name is one line before anything compiles, not after a long sweep
+            config.model.attention = attention
+            build_model_config(config.model)
         # Once for every layout, so that all MFUs share one denominator (on a CPU the peak is measured).
         peak_flops = jax.device_count() * hardware.peak_flops_per_device(
             args.dtype or config.model.dtype, config.train.peak_flops)[0] if args.steps else 0.0
