@@ -97,12 +97,16 @@ def main(argv=None) -> dict:
         cli.require(all(re.fullmatch(r"-?\d+", n) and int(n) >= -1 for n in loss_chunks),
                     f"--loss_chunk_tokens={args.loss_chunk_tokens} must be whole numbers >= -1 (-1 auto, 0 plain loss)")
         attentions = args.attention.split(",") if args.attention else [config.model.attention]
-        for attention in attentions:  # a bad name is one line before anything compiles, not after a long sweep
+        # A bad kernel name or remat policy is one line before anything compiles, not after part of a long sweep.
+        for attention in attentions:
             config.model.attention = attention
+            build_model_config(config.model)
+        for scan, remat in layouts:
+            config.model.update(scan_layers=scan, remat=remat)
             build_model_config(config.model)
         # Once for every layout, so that all MFUs share one denominator (on a CPU the peak is measured).
         peak_flops = jax.device_count() * hardware.peak_flops_per_device(
-            args.dtype or config.model.dtype, config.train.peak_flops)[0] if args.steps else 0.0
+            config.model.dtype, config.train.peak_flops)[0] if args.steps else 0.0
         results = []
         for attention, loss_chunk in itertools.product(attentions, loss_chunks):
             config.model.attention, config.train.loss_chunk_tokens = attention, int(loss_chunk)

@@ -42,6 +42,8 @@ COMMAND_LINE_CASES = [
     ("benchmarks.layers", ["--config", TINY, "--loss_chunk_tokens", "0,big"],
      "--loss_chunk_tokens=0,big must be whole numbers >= -1"),
     ("benchmarks.layers", ["--config", TINY, "--layouts", "scan"], "--layouts='scan' is not 'all' or a list like"),
+    ("benchmarks.layers", ["--config", TINY, "--layouts", "unrolled:none,unrolled:some"],
+     "model.remat='some' is not one of"),
     ("benchmarks.layers", ["--config", TINY, "--attention", "xla,flash"], "model.attention='flash' is not one of"),
     # Arguments in the wrong form or place.
     ("gptjax.train", ["experiments/tiny.py"],
