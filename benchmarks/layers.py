@@ -96,6 +96,7 @@ def main(argv=None) -> dict:
         loss_chunks = (args.loss_chunk_tokens or str(config.train.loss_chunk_tokens)).split(",")
         cli.require(all(re.fullmatch(r"-?\d+", n) and int(n) >= -1 for n in loss_chunks),
                     f"--loss_chunk_tokens={args.loss_chunk_tokens} must be whole numbers >= -1 (-1 auto, 0 plain loss)")
+        loss_chunks = [int(n) for n in loss_chunks]
         attentions = args.attention.split(",") if args.attention else [config.model.attention]
         # A bad kernel name or remat policy is one line before anything compiles, not after part of a long sweep.
         for attention in attentions:
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
             config.model.dtype, config.train.peak_flops)[0] if args.steps else 0.0
         results = []
         for attention, loss_chunk in itertools.product(attentions, loss_chunks):
-            config.model.attention, config.train.loss_chunk_tokens = attention, int(loss_chunk)
+            config.model.attention, config.train.loss_chunk_tokens = attention, loss_chunk
             results += [compile_and_measure(config, scan, remat, args.batch_size, args.steps, peak_flops)
                         for scan, remat in layouts]
     report = {"config": args.config, "n_layer": args.n_layer, "batch_size": args.batch_size,
