@@ -67,7 +67,7 @@ def compile_and_measure(config, scan_layers: bool, remat: str, batch_size: int, 
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         result["tokens_per_second"] = steps * batch_size * T / (time.perf_counter() - start)
-        result["mfu"] = result["tokens_per_second"] * flops_per_token(cfg) / peak_flops
+        result["mfu"] = result["tokens_per_second"] * flops_per_token(cfg, T) / peak_flops
     return result
 
 

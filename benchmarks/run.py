@@ -66,7 +66,7 @@ def train_speed(train_setup, repeats: int, matmul_sizes=(1024, 2048, 3072)) -> d
     eval_step = steps_lib.make_eval_step(cfg, mesh, steps_lib.replicated_sharding(state.params, mesh))
     eval_batch = batch[0]
     eval_seconds = timed(lambda: eval_step(state.params, eval_batch, jnp.ones((eval_batch.shape[0],))), repeats)
-    model_flops_per_second = tokens * flops_per_token(cfg) / seconds
+    model_flops_per_second = tokens * flops_per_token(cfg, T) / seconds
     mfu = model_flops_per_second / peak
     return {"matmul_peak_flops_per_second": peak, "train_tokens_per_second": tokens / seconds,
             "train_step_seconds": seconds, "train_model_flops_per_second": model_flops_per_second,

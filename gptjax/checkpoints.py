@@ -5,9 +5,12 @@ Each step directory holds three items:
     opt_state  the optimizer state (only training reads it)
     meta       JSON: step, the full config, tokenizer, data position and the last metrics
 Orbax writes a step into a temporary directory and renames it when complete, so a crash mid-save leaves the previous
-checkpoint as the latest usable one; a checkpoint that fails to load anyway is skipped with a warning.
+checkpoint as the latest usable one. A checkpoint whose files are damaged anyway (missing, truncated, corrupt) is
+skipped with a warning; any other failure to read one (permission denied, out of memory) stops with one line and
+moves nothing (`is_damage`).
 """
 
+import json
 import os
 import sys
 import time
@@ -38,10 +41,14 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
 
 
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
-    """Starts saving (in the background where Orbax can); call manager.wait_until_finished() before exiting."""
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                               opt_state=ocp.args.StandardSave(opt_state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts saving (in the background where Orbax can); call manager.wait_until_finished() before exiting.
+    `opt_state=None` saves the parameters alone (a converted model): training from it starts a fresh optimizer."""
+    items = {"params": ocp.args.StandardSave(params)}
+    if opt_state is None:
+        meta = {**meta, "params_only": True}
+    else:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def abstract(tree):
@@ -90,7 +97,8 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
                    opt_state_target=None, step: int | None = None) -> tuple[Any, Any, dict] | None:
     """Restores the newest loadable checkpoint (or `step`): (params, opt_state or None, meta), or None if none.
 
-    With `opt_state_target=None` only params and meta are read, never the optimizer state.
+    With `opt_state_target=None` only params and meta are read, never the optimizer state; opt_state is None too
+    for a checkpoint of parameters alone (meta["params_only"], a converted model).
     """
     steps = usable_steps(manager)
     if step is not None:
@@ -100,25 +108,59 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
     for candidate in steps:
         try:
             meta = read_meta(manager, candidate)
-        except Exception as e:  # a damaged checkpoint: fall back to the one before
-            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} is unreadable ({type(e).__name__}); "
+        except Exception as e:
+            check_is_damage(e, candidate, workdir)
+            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} is unreadable ({describe_error(e)}); "
                  f"trying an older one")
             continue
         check_compatible(meta, model_config, workdir)
         items = {"params": ocp.args.StandardRestore(abstract(params_target))}
-        if opt_state_target is not None:
+        if opt_state_target is not None and not meta.get("params_only"):
             items["opt_state"] = ocp.args.StandardRestore(abstract(opt_state_target))
         try:
             restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         except Exception as e:
-            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} could not be restored ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:200]}); trying an older one")
+            check_is_damage(e, candidate, workdir)
+            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} could not be restored ({describe_error(e)}); "
+                 f"trying an older one")
             continue
-        return restored["params"], restored.get("opt_state") if opt_state_target is not None else None, meta
+        return restored["params"], restored.get("opt_state"), meta
     if steps:
         raise UserError(f"none of the checkpoints {sorted(steps)} in {checkpoint_dir(workdir)} could be restored; "
                         f"move the directory away to start fresh")
     return None
+
+
+# tensorstore's status codes for bytes that are missing, cut short or corrupt (it raises them as ValueError).
+DAMAGE_STATUSES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE")
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether a restore failed because the checkpoint's files are incomplete or unreadable as data (missing,
+    truncated, bad JSON or array bytes), the only failures that make an older checkpoint the right one to use.
+    Anything else (permission denied, out of memory, a shape or dtype error, a bug) is not the checkpoint's fault."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    if any(isinstance(e, (PermissionError, MemoryError)) for e in chain):
+        return False
+    return any(isinstance(e, (json.JSONDecodeError, FileNotFoundError, EOFError, UnicodeDecodeError))
+               or (isinstance(e, KeyError) and "not found in the checkpoint" in str(e))
+               or (type(e) is ValueError and str(e).startswith(DAMAGE_STATUSES)) for e in chain)
+
+
+def check_is_damage(error: Exception, step: int, workdir: str) -> None:
+    """Raises a UserError that leaves checkpoint `step` where it is, unless `error` says it is damaged."""
+    if not is_damage(error):
+        raise UserError(f"checkpoint {step} in {checkpoint_dir(workdir)} could not be read ({describe_error(error)}), "
+                        f"which does not look like damage, so it was left in place; fix the cause and rerun (move "
+                        f"it away yourself to resume from an older one)") from None
+
+
+def describe_error(error: BaseException) -> str:
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def set_aside_newer(manager: ocp.CheckpointManager, workdir: str, restored_step: int) -> None:
@@ -127,12 +169,17 @@ def set_aside_newer(manager: ocp.CheckpointManager, workdir: str, restored_step:
     newer = [step for step in manager.all_steps() if step > restored_step]
     if not newer:
         return
-    damaged = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
-    os.makedirs(damaged, exist_ok=True)
-    for step in newer:
-        target = os.path.join(damaged, f"{step}-{int(time.time())}")
-        os.replace(os.path.join(checkpoint_dir(workdir), str(step)), target)
-        warn(f"moved the unloadable checkpoint {step} to {target}")
+    if jax.process_index() == 0:  # one process moves them; the others wait for it (they share the directory)
+        damaged = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
+        os.makedirs(damaged, exist_ok=True)
+        for step in newer:
+            target = os.path.join(damaged, f"{step}-{int(time.time())}")
+            os.replace(os.path.join(checkpoint_dir(workdir), str(step)), target)
+            warn(f"moved the unloadable checkpoint {step} to {target}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("gptjax damaged checkpoints set aside")
     manager.reload()
 
 

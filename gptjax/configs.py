@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     model.d_ff = 1024
     # Position information: 'sinusoidal' (fixed, Vaswani et al.), 'learned' (GPT-2) or 'rope' (rotary).
     model.pos_embedding = "sinusoidal"
-    # MLP nonlinearity: 'relu' or 'gelu' (tanh approximation, as GPT-2).
+    # MLP nonlinearity: 'relu', 'gelu' (tanh approximation, as GPT-2) or 'gelu_exact' (erf, as Hugging Face's 'gelu').
     model.activation = "relu"
     # Biases in Dense and LayerNorm layers (GPT-2 has them).
     model.use_bias = True
@@ -135,11 +135,13 @@ def base_config() -> ml_collections.ConfigDict:
     # -1 = auto: fused (1024) on CPU, where it is faster and saves memory; plain on GPU/TPU, where it is not faster,
     # and on Metal, where it was never measured.
     train.loss_chunk_tokens = -1
-    # Data parallelism over several devices: 'shard_map' (per-device gradients, one written-out pmean per step) or
-    # 'jit' (XLA splits the step and places the all-reduce, once per micro-batch); the same numbers either way.
-    train.parallelism = "shard_map"
-    # Where parameters and optimizer state live: 'replicated' (a full copy on every device) or 'fsdp' (each array
-    # split over the devices along its largest divisible dimension: memory per device / devices).
+    # Data parallelism over several devices: 'shard_map' (per-device gradients, one written-out pmean per step),
+    # 'jit' (XLA splits the step and places the collectives, once per micro-batch) or 'auto' (shard_map for
+    # replicated state, jit for fsdp); the same numbers either way.
+    train.parallelism = "auto"
+    # Where parameters and optimizer state live: 'replicated' (a full copy on every device) or 'fsdp' (ZeRO-3: each
+    # array split over the devices along its largest divisible dimension, gathered only where the step uses it;
+    # compiled through jit, so the state and the step's own memory per device both shrink).
     train.sharding = "replicated"
     # Clip gradients to this global norm (0 disables clipping).
     train.grad_clip = 1.0
@@ -205,12 +207,17 @@ NUMERIC_RANGES = {
 CHOICES = {
     "model.pos_embedding": POS_EMBEDDINGS, "model.activation": tuple(ACTIVATIONS), "model.dtype": tuple(DTYPES),
     "model.attention": ATTENTIONS, "model.remat": tuple(REMAT_POLICIES),
-    "train.parallelism": ("shard_map", "jit"), "train.sharding": ("replicated", "fsdp"),
+    "train.parallelism": ("auto", "shard_map", "jit"), "train.sharding": ("replicated", "fsdp"),
     "data.source": ("text", "tfds", "hf", "python_docs"),
     "data.txt_documents": ("file", "blank_lines"),
     "data.utf8_errors": ("strict", "replace"),
 }
 SOURCES_THAT_READ_PATH = ("text", "hf")
+# Values a user may expect that gptjax refuses on purpose, with the reason and the fix.
+REFUSED = {
+    ("model.dtype", "float16"): "would need loss scaling (its small gradients underflow to 0), which gptjax does not "
+                                "do; use model.dtype='bfloat16' (float32's range, the same speed on GPUs) or 'float32'",
+}
 
 
 def check_value(key: str, value) -> None:
@@ -220,6 +227,8 @@ def check_value(key: str, value) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
             kind = "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a number"
             raise UserError(f"{key}={value!r} is out of range: it must be {kind} {allowed}")
+    if (key, value) in REFUSED:
+        raise UserError(f"{key}={value!r} {REFUSED[key, value]}")
     if key in CHOICES and value not in CHOICES[key]:
         raise UserError(f"{key}={value!r} is not one of {CHOICES[key]}")
 
@@ -236,6 +245,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if train.steps == 0 and train.flop_budget == 0:
         raise UserError("train.steps is 0, which derives the steps from train.flop_budget, but that is not set; "
                         "set train.steps or train.flop_budget")
+    if train.sharding == "fsdp" and train.parallelism == "shard_map":
+        raise UserError("train.parallelism='shard_map' takes every parameter whole into each device's step, so with "
+                        "train.sharding='fsdp' the step would hold as much memory as replicated; use "
+                        "train.parallelism='auto' or 'jit' (XLA then gathers each parameter where it is used and "
+                        "reduce-scatters its gradient)")
     if data.seq_len > config.model.max_len:
         raise UserError(f"data.seq_len={data.seq_len} is longer than the context model.max_len="
                         f"{config.model.max_len}; lower data.seq_len or raise model.max_len")

@@ -19,22 +19,35 @@ import numpy as np
 from absl import flags
 
 from gptjax import checkpoints, cli
-from gptjax import train_step as steps_lib
 from gptjax.configs import base_config, build_model_config
 from gptjax.errors import UserError, check_workdir
-from gptjax.model import ModelConfig, count_params
+from gptjax.model import ModelConfig, count_params, init_params, stack_blocks, unstack_blocks
 from gptjax.tokenizer import END_OF_TEXT_ID
 
 
+# Hugging Face's activation_function names -> gptjax's model.activation.
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
+# GPT2Config switches that change the logits and that gptjax's model does not have, with the value it computes as.
+GPT2_FIXED = {"scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "scale_attn_weights": True,
+              "tie_word_embeddings": True}
+
+
 def gpt2_model_config(hf_config: dict) -> dict:
-    """gptjax `model` keys for a Hugging Face GPT2Config: learned positions, tanh-GELU, biases, tied output."""
+    """gptjax `model` keys for a Hugging Face GPT2Config: learned positions, GELU, biases, tied output. Anything
+    gptjax cannot compute the same way is refused, naming the key, rather than converted into other logits."""
     activation = hf_config.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-        raise UserError(f"activation_function={activation!r} is not a GELU; gptjax converts GPT-2 models only")
+    if activation not in GPT2_ACTIVATIONS:
+        raise UserError(f"activation_function={activation!r} is not one of the GELUs gptjax computes "
+                        f"({sorted(GPT2_ACTIVATIONS)}); gptjax converts GPT-2 models only")
+    for key, value in GPT2_FIXED.items():
+        if hf_config.get(key, value) != value:
+            raise UserError(f"{key}={hf_config[key]!r} in config.json changes GPT-2's computation in a way gptjax's "
+                            f"model does not have (it computes as {key}={value!r}), so the converted model would give "
+                            f"other logits; convert a model with {key}={value!r}")
     return dict(vocab_size=hf_config["vocab_size"], max_len=hf_config["n_positions"], n_layer=hf_config["n_layer"],
                 n_head=hf_config["n_head"], d_model=hf_config["n_embd"],
                 d_ff=hf_config.get("n_inner") or 4 * hf_config["n_embd"], pos_embedding="learned",
-                activation="gelu", use_bias=True, tie_embeddings=True, dropout=0.0,
+                activation=GPT2_ACTIVATIONS[activation], use_bias=True, tie_embeddings=True, dropout=0.0,
                 layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5))
 
 
@@ -57,20 +70,6 @@ def read_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
         raise UserError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin; pass the directory that "
                         f"GPT2LMHeadModel.save_pretrained wrote")
     return {k.removeprefix("transformer."): np.asarray(v, np.float32) for k, v in tensors.items()}
-
-
-def stack_blocks(params: dict, n_layer: int) -> dict:
-    """blocks_0 .. blocks_{n_layer - 1} as one 'blocks' tree whose arrays have a leading [n_layer] axis: the layout
-    of model.scan_layers=true."""
-    rest = {name: tree for name, tree in params.items() if not name.startswith("blocks_")}
-    layers = [params[f"blocks_{i}"] for i in range(n_layer)]
-    return {**rest, "blocks": jax.tree.map(lambda *arrays: np.stack(arrays), *layers)}
-
-
-def unstack_blocks(params: dict, n_layer: int) -> dict:
-    """`stack_blocks` undone: one blocks_i tree per layer, as model.scan_layers=false has them."""
-    rest = {name: tree for name, tree in params.items() if name != "blocks"}
-    return {**rest, **{f"blocks_{i}": jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(n_layer)}}
 
 
 def gpt2_params(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
@@ -118,9 +117,8 @@ def convert(hf_dir: str, workdir: str, scan_layers: bool = False) -> dict:
     config.data.seq_len = config.model.max_len
     model_config = build_model_config(config.model)
 
-    fresh = steps_lib.create_train_state(model_config, steps_lib.make_optimizer(config.train, 1), seed=0)
     params = gpt2_params(state, model_config)
-    expected = jax.tree.map(lambda x: x.shape, fresh.params)
+    expected = jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: init_params(model_config, jax.random.key(0))))
     got = jax.tree.map(lambda x: x.shape, params)
     if expected != got:
         raise UserError(f"tensor shapes in {hf_dir} do not match its config.json")
@@ -130,13 +128,16 @@ def convert(hf_dir: str, workdir: str, scan_layers: bool = False) -> dict:
         raise UserError(f"{checkpoints.checkpoint_dir(workdir)} already has checkpoints; pick an empty --workdir")
     meta = {"step": 0, "config": config.to_dict(), "tokenizer": config.data.tokenizer,
             "data_position": None, "metrics": {}, "converted_from": os.path.abspath(hf_dir)}
-    checkpoints.save(manager, 0, params, fresh.opt_state, meta)
+    # Parameters only, from abstract shapes: a fine-tuning run starts its own optimizer (Adam's moments are not in a
+    # Hugging Face checkpoint), and no train state is built here (for GPT-2 small: 1.8 GB of host memory, not 3.7).
+    checkpoints.save(manager, 0, params, None, meta)
     manager.wait_until_finished()
     return {"workdir": os.path.abspath(workdir), "params": count_params(params), "model": config.model.to_dict()}
 
 
 # What a gptjax model must be for GPT-2 (and so Hugging Face's GPT2LMHeadModel) to express it.
-GPT2_LAYOUT = {"pos_embedding": "learned", "activation": "gelu", "use_bias": True, "tie_embeddings": True}
+GPT2_LAYOUT = {"pos_embedding": "learned", "activation": ("gelu", "gelu_exact"), "use_bias": True,
+               "tie_embeddings": True}
 
 
 def hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -165,13 +166,15 @@ def export_to_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
         raise UserError(f"--to_hf {hf_dir!r} exists and is not an empty directory; pass a new directory")
     params, cfg, meta = checkpoints.load_for_inference(workdir, step)
-    other = [f"model.{key}={getattr(cfg, key)!r}" for key, value in GPT2_LAYOUT.items() if getattr(cfg, key) != value]
+    other = [f"model.{key}={getattr(cfg, key)!r}" for key, value in GPT2_LAYOUT.items()
+             if getattr(cfg, key) not in (value if isinstance(value, tuple) else (value,))]
     if other:
         raise UserError(f"GPT-2 cannot express this model ({', '.join(other)}); only runs with learned positions, "
                         f"GELU, biases and a tied output layer export to Hugging Face")
     hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                  "n_positions": cfg.max_len, "n_ctx": cfg.max_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer,
-                 "n_head": cfg.n_head, "n_inner": cfg.d_ff, "activation_function": "gelu_new",
+                 "n_head": cfg.n_head, "n_inner": cfg.d_ff,
+                 "activation_function": "gelu" if cfg.activation == "gelu_exact" else "gelu_new",
                  "layer_norm_epsilon": cfg.layer_norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                  "attn_pdrop": 0.0, "tie_word_embeddings": True, "bos_token_id": END_OF_TEXT_ID,
                  "eos_token_id": END_OF_TEXT_ID}

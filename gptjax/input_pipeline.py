@@ -258,8 +258,19 @@ def download_and_prepare_tfds(builder, data) -> None:
 
 def cache_key(data) -> dict:
     """Everything that changes the token stream; the cache directory is named after its hash."""
-    return {k: data[k] for k in ("source", "name", "hf_config", "split", "path", "data_dir", "text_field",
-                                 "txt_documents", "utf8_errors", "tokenizer", "eval_fraction")}
+    key = {k: data[k] for k in ("source", "name", "hf_config", "split", "path", "data_dir", "text_field",
+                                "txt_documents", "utf8_errors", "tokenizer", "eval_fraction")}
+    dtype = token_dtype(data.tokenizer)
+    if dtype != "uint16":  # GPT-2's caches keep the names they always had
+        key["token_dtype"] = dtype
+    return key
+
+
+def token_dtype(tokenizer_name: str) -> str:
+    """The cache's integer type: uint16 (2 bytes a token) while every id of the tokenizer fits, else uint32."""
+    if tokenizer_name == "gpt2":
+        return "uint16"
+    return "uint16" if len(load_tokenizer(tokenizer_name)) <= 2 ** 16 else "uint32"
 
 
 def cache_directory(data, workdir: str) -> str:
@@ -314,8 +325,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
         print(f"Resuming tokenization after {manifest['documents_done']} documents ({directory})")
 
     encode_batch, eos_id = tokenizer_encode_batch(data.tokenizer)
-    token_dtype = np.uint16 if max(eos_id, config.model.vocab_size) < 2 ** 16 else np.uint32
-    manifest["dtype"] = np.dtype(token_dtype).name
+    manifest["dtype"] = dtype = manifest.get("dtype", token_dtype(data.tokenizer))
     manifest["eos_id"] = eos_id
     done = manifest["documents_done"]
     documents = documents_dataset(data).skip(done).batch(DOCUMENTS_PER_TOKENIZER_CALL)
@@ -327,7 +337,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
         nonlocal buffered_tokens
         for split, chunks in buffers.items():
             if chunks:
-                tokens = np.concatenate(chunks).astype(token_dtype)
+                tokens = np.concatenate(chunks)
+                if tokens.max() > np.iinfo(dtype).max:  # never wrap an id around silently
+                    raise UserError(f"tokenizer {data.tokenizer!r} gave the id {int(tokens.max())}, which does not "
+                                    f"fit the token cache's {dtype}; use a tokenizer whose ids are below its size")
+                tokens = tokens.astype(dtype)
                 name = f"{split}_{len(manifest['splits'][split]):05d}.bin"
                 write_atomically(os.path.join(directory, name), tokens.tobytes())
                 manifest["splits"][split].append({"file": name, "tokens": int(tokens.size)})

@@ -37,8 +37,11 @@ ACTIVATIONS = {
     "relu": nn.relu,
     # GPT-2 uses the tanh approximation; it is also the only GELU that jax-metal runs.
     "gelu": functools.partial(nn.gelu, approximate=True),
+    # The exact x * Phi(x) (erf), Hugging Face's activation_function='gelu': for converted models that use it.
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# No float16: its 5-bit exponent underflows small gradients unless the loss is scaled, which gptjax does not do.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a rematerialised block keeps from its forward pass for the backward pass; the rest is recomputed.
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots_saveable": jax.checkpoint_policies.dots_saveable}
@@ -244,7 +247,8 @@ class GPT(nn.Module):
         self.ln_f = layer_norm(cfg, "ln_f")
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(cfg.padded_vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                                    param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02))
+                                    param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
+                                    dot_general=float32_accumulating_dot)
 
     def __call__(self, tokens_BxT, positions_T=None, *, deterministic: bool = True, decode: bool = False):
         hidden_BxTxD = self.hidden_states(tokens_BxT, positions_T, deterministic=deterministic, decode=decode)
@@ -271,12 +275,38 @@ class GPT(nn.Module):
         return self.ln_f(x_BxTxD)
 
     def output_logits(self, hidden_BxTxD):
-        """[B, T, D] -> float32 logits [B, T, V], padded vocabulary entries masked out."""
+        """[B, T, D] -> float32 logits [B, T, V], padded vocabulary entries masked out. The matmul reads its inputs
+        in the compute dtype and sums in float32 on every path, as the fused loss does (a bfloat16 sum over D
+        would round every logit to 8 bits before the softmax)."""
         if self.config.tie_embeddings:
-            logits_BxTxV = self.token_embedding.attend(hidden_BxTxD)
+            embedding_VxD = self.token_embedding.embedding.astype(self.config.compute_dtype)
+            logits_BxTxV = jnp.einsum("btd,vd->btv", hidden_BxTxD.astype(self.config.compute_dtype), embedding_VxD,
+                                      preferred_element_type=jnp.float32)
         else:
             logits_BxTxV = self.lm_head(hidden_BxTxD)
-        return mask_padded_vocab(logits_BxTxV.astype(jnp.float32), self.config.vocab_size)
+        return mask_padded_vocab(logits_BxTxV, self.config.vocab_size)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Fresh parameters from `key`, the same numbers in either layout: with scan_layers the unrolled model's blocks
+    are initialised and stacked (nn.scan would draw each layer's from keys split another way)."""
+    tokens_1xT = jnp.zeros((1, cfg.max_len), jnp.int32)
+    params = GPT(cfg.replace(scan_layers=False)).init(key, tokens_1xT)["params"]
+    return stack_blocks(params, cfg.n_layer) if cfg.scan_layers else params
+
+
+def stack_blocks(params: dict, n_layer: int) -> dict:
+    """blocks_0 .. blocks_{n_layer - 1} as one 'blocks' tree whose arrays have a leading [n_layer] axis: the layout
+    of model.scan_layers=true."""
+    rest = {name: tree for name, tree in params.items() if not name.startswith("blocks_")}
+    layers = [params[f"blocks_{i}"] for i in range(n_layer)]
+    return {**rest, "blocks": jax.tree.map(lambda *arrays: jnp.stack(arrays), *layers)}
+
+
+def unstack_blocks(params: dict, n_layer: int) -> dict:
+    """`stack_blocks` undone: one blocks_i tree per layer, as model.scan_layers=false has them."""
+    rest = {name: tree for name, tree in params.items() if name != "blocks"}
+    return {**rest, **{f"blocks_{i}": jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(n_layer)}}
 
 
 def scan_blocks(block: Block, x_BxTxD, positions_T, deterministic: bool, decode: bool, n_layer: int):
@@ -289,6 +319,12 @@ def scan_blocks(block: Block, x_BxTxD, positions_T, deterministic: bool, decode:
     layers = nn.scan(one_layer, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=n_layer)
     return layers(block, x_BxTxD, positions_T, deterministic, decode)[0]
+
+
+def float32_accumulating_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` summing in float32 whatever its inputs' dtype: the untied output layer's matmul."""
+    del preferred_element_type
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
 
 
 def mask_padded_vocab(logits_xV: jax.Array, vocab_size: int) -> jax.Array:

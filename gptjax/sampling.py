@@ -229,17 +229,22 @@ def generate_greedy_uncached(params, model_config: ModelConfig, prompt_ids, max_
                              num_samples: int = 1) -> np.ndarray:
     """The slow reference: greedy decoding that recomputes the whole window for every token (no cache).
 
-    Used by tests (it must agree with `generate`) and benchmarks (to show what the cache saves).
+    The window follows `generate`'s rule: it starts at the prompt and grows by one token a step; a token that would
+    make it longer than max_len makes it slide to its last 3/4 (`slide_window`), positions counted from 0 again.
+    Used by tests (it must agree with `generate`, token for token) and benchmarks (to show what the cache saves).
     """
-    S = model_config.max_len
+    S, keep = model_config.max_len, slide_window(model_config)
     history = np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1))
+    start = 0  # the window is history[:, start:]
     new = []
     for _ in range(max_new_tokens):
-        window = history[:, -S:]
+        window = history[:, start:]
         padded = np.zeros((num_samples, S), np.int32)
         padded[:, : window.shape[1]] = window
         logits = _next_logits_uncached(params, jnp.asarray(padded), window.shape[1], model_config=model_config)
         token = np.asarray(jnp.argmax(logits, axis=-1), np.int32)[:, None]
         history = np.concatenate([history, token], axis=1)
+        if history.shape[1] - start > S:
+            start = history.shape[1] - keep
         new.append(token)
     return np.concatenate(new, axis=1)

@@ -47,10 +47,13 @@ def matmul_param_count(cfg: ModelConfig) -> int:
     return n_matmul
 
 
-def flops_per_token(cfg: ModelConfig) -> int:
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Training FLOPs per token, forward + backward: 6 (matmul parameters) + 12 n_layer T D (PaLM appendix B, as
-    nanoGPT's MFU). Table lookups (learned positions, an untied input embedding) are not matmuls, so not counted."""
-    return 6 * matmul_param_count(cfg) + 12 * cfg.n_layer * cfg.max_len * cfg.d_model
+    nanoGPT's MFU), where T is the length of the sequences trained on (data.seq_len; the context max_len if not
+    given): attention's cost grows with the tokens a query sees, not with the context it could see. Table lookups
+    (learned positions, an untied input embedding) are not matmuls, so not counted."""
+    T = cfg.max_len if seq_len is None else seq_len
+    return 6 * matmul_param_count(cfg) + 12 * cfg.n_layer * T * cfg.d_model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def planned_steps(config, model_config: ModelConfig) -> int:
     if train.steps > 0:
         return train.steps
     tokens_per_step = train.batch_size * config.data.seq_len
-    return max(1, int(train.flop_budget // (flops_per_token(model_config) * tokens_per_step)))
+    return max(1, int(train.flop_budget // (flops_per_token(model_config, config.data.seq_len) * tokens_per_step)))
 
 
 def projection(config, device_flops: float, mfu: float) -> dict:
@@ -103,11 +106,12 @@ def projection(config, device_flops: float, mfu: float) -> dict:
     model_config = build_model_config(config.model)
     steps = planned_steps(config, model_config)
     tokens = steps * config.train.batch_size * config.data.seq_len
-    flops = tokens * flops_per_token(model_config)
-    return {"params": param_count(model_config), "flops_per_token": flops_per_token(model_config), "steps": steps,
+    per_token = flops_per_token(model_config, config.data.seq_len)
+    flops = tokens * per_token
+    return {"params": param_count(model_config), "flops_per_token": per_token, "steps": steps,
             "tokens": tokens, "flops": flops, "tokens_per_parameter": tokens / param_count(model_config),
-            "device_flops": device_flops, "mfu": mfu, "tokens_per_second": device_flops * mfu / flops_per_token(
-                model_config), "hours": flops / (device_flops * mfu) / 3600}
+            "device_flops": device_flops, "mfu": mfu, "tokens_per_second": device_flops * mfu / per_token,
+            "hours": flops / (device_flops * mfu) / 3600}
 
 
 def explain_projection(name: str, p: dict) -> str:

@@ -274,15 +274,15 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     hardware.select_platform(train.platform)
     maybe_initialize_distributed(train)
     model_config = build_model_config(config.model)
+    tokenizer = load_tokenizer(data.tokenizer)
+    if len(tokenizer) > model_config.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={model_config.vocab_size}; "
+                        f"raise model.vocab_size")
     os.makedirs(workdir, exist_ok=True)
     cache = prepare_data(config, workdir)
     train_stream, eval_stream = cache.stream("train"), cache.stream("validation")
     input_pipeline.check_enough_tokens(train_stream, data.seq_len, "train")
     evaluate = check_evaluation_data(config, cache)
-    tokenizer = load_tokenizer(data.tokenizer)
-    if len(tokenizer) > model_config.vocab_size:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={model_config.vocab_size}; "
-                        f"raise model.vocab_size")
     total_steps = planned_steps(config, model_config)
     mesh = steps_lib.data_mesh()
     check_batch_layout(train, mesh.size, jax.process_count())
@@ -304,16 +304,21 @@ def initial_state(run: Run) -> tuple[steps_lib.TrainState, dict]:
     """(state, last logged metrics): the latest checkpoint of the workdir if it has one; else fresh from the seed,
     with train.init_from's parameters when fine-tuning."""
     config, train = run.config, run.config.train
-    state = jax.jit(lambda: steps_lib.create_train_state(run.model_config, run.optimizer, train.seed),
-                    out_shardings=run.state_sharding)()
-    restored = checkpoints.restore_latest(run.manager, run.workdir, config.model.to_dict(), state.params,
-                                          state.opt_state)
+    fresh_state = functools.partial(steps_lib.create_train_state, run.model_config, run.optimizer, train.seed)
+    # Shapes, dtypes and this run's shardings, with no memory behind them: Orbax restores straight into them, so a
+    # resume never holds a fresh state beside the restored one.
+    target = jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+                          jax.eval_shape(fresh_state), run.state_sharding)
+    restored = checkpoints.restore_latest(run.manager, run.workdir, config.model.to_dict(), target.params,
+                                          target.opt_state)
     last, changed = {}, []  # model keys that differ from the checkpoint's, allowed
     if restored is not None:
         params, opt_state, meta = restored
+        if opt_state is None:  # a checkpoint of parameters alone (a converted model): a fresh optimizer
+            opt_state = jax.jit(run.optimizer.init, out_shardings=run.state_sharding.opt_state)(params)
         # The step as the same int32 array a fresh state has, so the first resumed step reuses the compiled step.
         step = jax.device_put(np.asarray(meta["step"], np.int32), run.state_sharding.step)
-        state = state.replace(step=step, params=params, opt_state=opt_state)
+        state = steps_lib.TrainState(step=step, params=params, opt_state=opt_state)
         last = meta.get("metrics") or {}
         check_same_data(meta, data_fingerprint(config, run.cache), train.accept_data_change)
         changed = checkpoints.check_compatible(meta, config.model.to_dict(), run.workdir)
@@ -322,10 +327,12 @@ def initial_state(run: Run) -> tuple[steps_lib.TrainState, dict]:
             print(f"note     | the checkpoint was saved {saved_as['train.sharding']} over {saved_as['devices']} "
                   f"device(s); restored {train.sharding} over {run.mesh.size}")
         checkpoints.set_aside_newer(run.manager, run.workdir, meta["step"])  # damaged ones we are about to overwrite
-    elif train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
-        params, _, meta = checkpoints.load_for_inference(train.init_from)
-        changed = checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)
-        state = state.replace(params=jax.device_put(params, run.state_sharding.params))
+    else:
+        state = jax.jit(fresh_state, out_shardings=run.state_sharding)()
+        if train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
+            params, _, meta = checkpoints.load_for_inference(train.init_from)
+            changed = checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)
+            state = state.replace(params=jax.device_put(params, run.state_sharding.params))
     if changed and run.is_chief:
         print(f"note     | the checkpoint's parameters are used with {'; '.join(changed)} (these may change)")
     return state, last
@@ -336,7 +343,7 @@ def print_plan(run: Run, start_step: int) -> None:
     if not run.is_chief:
         return
     cfg, data, cache = run.model_config, run.config.data, run.cache
-    model_flops, tokens_per_step = flops_per_token(cfg), run.config.train.batch_size * data.seq_len
+    model_flops, tokens_per_step = flops_per_token(cfg, data.seq_len), run.config.train.batch_size * data.seq_len
     peak, peak_source = run.peak
     devices = jax.devices()
     print(f"devices  | {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
@@ -362,7 +369,8 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
     step_fn = steps_lib.make_train_step(run.model_config, run.optimizer, run.mesh, run.state_sharding, train.seed,
                                         donate=hardware.supports_donation(),
                                         loss_chunk=kernels.loss_chunk_tokens(train.loss_chunk_tokens),
-                                        parallelism=train.parallelism)
+                                        parallelism=steps_lib.resolve_parallelism(train.parallelism,
+                                                                                  train.sharding))
     eval_fn = steps_lib.make_eval_step(run.model_config, run.mesh, run.state_sharding.params)
     batches = input_pipeline.train_batches(run.train_stream, data.seq_len, train.batch_size, train.seed,
                                            start_step, jax.process_index(), jax.process_count())
@@ -375,7 +383,7 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
     with stop_signals(announce=run.is_chief) as stop:
         try:
             while step < end_step:
-                if stop.requested:
+                if stop_agreed(stop.requested):
                     raise KeyboardInterrupt
                 batch_AxBxT1 = steps_lib.global_batch(next(batches).reshape(local_shape), run.mesh,
                                                       PartitionSpec(None, "data"))
@@ -420,7 +428,8 @@ def report(run: Run, state, metrics: dict, step: int, speed: "Speedometer", eval
                         f"train.learning_rate or set train.grad_clip, then rerun to resume")
     last = {"loss": loss, "learning_rate": float(run.schedule(step - 1)), "grad_norm": float(metrics["grad_norm"]),
             "tokens_per_second": tokens_per_second,
-            "mfu": tokens_per_second * flops_per_token(run.model_config) / (run.peak[0] * run.mesh.size)}
+            "mfu": tokens_per_second * flops_per_token(run.model_config, data.seq_len) / (run.peak[0] *
+                                                                                            run.mesh.size)}
     if evaluate:
         last.update(evaluate_loss(state.params, eval_fn, run.eval_stream, data.seq_len,
                                   train.batch_size // train.grad_accum_steps, train.eval_steps, run.mesh))
@@ -475,6 +484,18 @@ def stop_signals(announce: bool):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stop_agreed(requested: bool) -> bool:
+    """Whether any process was asked to stop. Every process gets the same answer before the same step, so all stop
+    there and save it together (a signal reaching one process alone would otherwise send it into the collective
+    save while the others wait in the next step's all-reduce). One all-gather of a flag per step, with several
+    processes; one process reads its own flag."""
+    if jax.process_count() == 1:
+        return requested
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([requested]))))
 
 
 def save_on_interrupt(state, start_step: int, manager, save, last: dict, workdir: str, is_chief: bool) -> None:

@@ -4,7 +4,8 @@ Nothing here touches files or the clock. `make_train_step` returns `train_step(s
 compiled once; on several devices it runs data-parallel: the batch is split over a 1-D device mesh ('data'), each
 device computes gradients on its rows (`shard_map`, the modern spelling of pmap) and one `pmean` averages them,
 once per step. Parameters and optimizer state are replicated, or with train.sharding='fsdp' split over the devices
-(`state_sharding`). (train.parallelism='jit' leaves the split of the computation to XLA.)
+(`state_sharding`) and the step compiled by plain jit, which leaves the split of the computation to XLA: it gathers
+each parameter where it is used and reduce-scatters its gradient (`resolve_parallelism`).
 """
 
 import functools
@@ -18,7 +19,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptjax import kernels
-from gptjax.model import GPT, ModelConfig
+from gptjax.model import GPT, ModelConfig, init_params
 
 # shard_map moved into jax proper (and renamed its replication check) after 0.5, the Apple stack's version. The check
 # is off in both: it would want the accumulation carry marked device-varying (jax.lax.pvary, which 0.5 lacks), and
@@ -86,9 +87,8 @@ def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 
 def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Fresh parameters from jax.random.key(seed) and a zero optimizer state."""
-    tokens = jnp.zeros((1, model_config.max_len), jnp.int32)
-    params = GPT(model_config).init(jax.random.key(seed), tokens)["params"]
+    """Fresh parameters from jax.random.key(seed) (the same in either layout) and a zero optimizer state."""
+    params = init_params(model_config, jax.random.key(seed))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
@@ -197,14 +197,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def resolve_parallelism(parallelism: str, sharding: str) -> str:
+    """train.parallelism='auto': 'shard_map' for replicated state, 'jit' for fsdp.
+
+    A shard_map step receives each input as its in_spec says, and the parameters' spec is PartitionSpec(): whole.
+    Under fsdp that all-gathers every parameter at the start of the step and all-reduces full-size gradients, so
+    the step holds as much as a replicated one and only the state at rest is split. Under jit, XLA's partitioner
+    gathers each parameter where the step uses it and reduce-scatters its gradient (ZeRO-3): measured on 4 devices,
+    a third of the replicated step's temporary memory (tests/test_sharding.py, benchmarks/sharding.py).
+    """
+    if parallelism != "auto":
+        return parallelism
+    return "jit" if sharding == "fsdp" else "shard_map"
+
+
 def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, state_sharding,
                     seed: int, donate: bool, loss_chunk: int = 0, parallelism: str = "shard_map"):
     """`train_step(state, batch [A, B, T1]) -> (state, metrics)`, jitted with the batch split over `mesh`.
 
     parallelism = 'shard_map': each device computes the gradients of its rows and `data_parallel` averages them with
     one written-out `pmean`. 'jit': the same `mean_gradients` on the whole batch, and XLA's partitioner splits it
-    over the devices and inserts the all-reduce itself (where it likes: inside the micro-batch loop, measured).
-    Both give the same numbers (tests/test_train.py).
+    over the devices and inserts the collectives itself (where it likes: inside the micro-batch loop, measured);
+    the form fsdp needs (see `resolve_parallelism`). Both give the same numbers (tests/test_train.py).
     """
     gradients = functools.partial(mean_gradients, model=GPT(model_config), use_dropout=model_config.dropout > 0,
                                   loss_chunk=loss_chunk)

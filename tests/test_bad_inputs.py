@@ -27,6 +27,10 @@ COMMAND_LINE_CASES = [
     ("gptjax.train", ["--config.train.learning_rate=-0.1"], "train.learning_rate=-0.1 is out of range: it must be a "
                                                            "number > 0"),
     ("gptjax.train", ["--config.train.batch_size=abc"], "flag --config.train.batch_size=abc: invalid literal"),
+    # Pairings gptjax cannot run as the words promise.
+    ("gptjax.train", ["--config.model.dtype=float16"], "model.dtype='float16' would need loss scaling"),
+    ("gptjax.train", ["--config.train.sharding=fsdp", "--config.train.parallelism=shard_map"],
+     "train.parallelism='shard_map' takes every parameter whole into each device's step"),
     ("gptjax.prepare", ["--config.data.eval_fraction=1.5"], "data.eval_fraction=1.5 is out of range: it must be a "
                                                             "number in [0, 1)"),
     ("gptjax.prepare", ["--config.data.seq_len=0"], "data.seq_len=0 is out of range"),

@@ -3,6 +3,7 @@ the same logits and the same greedy continuation."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -152,3 +153,64 @@ def test_export_refuses_layouts_gpt2_cannot_express(tmp_path):
         "error: GPT-2 cannot express this model (model.pos_embedding='sinusoidal', model.activation='relu'); only "
         "runs with learned positions, GELU, biases and a tied output layer export to Hugging Face"]
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("scale_attn_by_inverse_layer_idx", True),
+                                        ("reorder_and_upcast_attn", True), ("scale_attn_weights", False),
+                                        ("tie_word_embeddings", False)])
+def test_conversion_refuses_what_gptjax_would_compute_differently(hf_gpt2, tmp_path, key, value):
+    _, directory = hf_gpt2
+    edited = str(tmp_path / "edited")
+    shutil.copytree(directory, edited)
+    with open(os.path.join(edited, "config.json")) as f:
+        hf_config = json.load(f)
+    hf_config[key] = value
+    with open(os.path.join(edited, "config.json"), "w") as f:
+        json.dump(hf_config, f)
+    result = run_module("gptjax.convert", f"--hf={edited}", f"--workdir={tmp_path / 'converted'}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        f"error: {key}={value!r}"), result.stderr[-2000:]
+    assert not (tmp_path / "converted").exists()
+
+
+def test_exact_gelu_converts_to_equal_logits_and_exports_back(tmp_path):
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                                     activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # large pre-activations, where erf-GELU and tanh-GELU differ by ~1e-3
+        for parameter in model.parameters():
+            parameter.mul_(5.0)
+    model.save_pretrained(str(tmp_path / "hf"))
+    summary = convert(str(tmp_path / "hf"), str(tmp_path / "converted"))
+    assert summary["model"]["activation"] == "gelu_exact"
+    params, model_config, _ = load_for_inference(str(tmp_path / "converted"))
+    tokens = np.random.default_rng(0).integers(0, 50257, size=(2, 16))
+    with torch.no_grad():
+        expected = model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(GPT(model_config).apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(got[..., :50257], expected, atol=1e-4, rtol=1e-4)
+    tanh = np.asarray(GPT(model_config.replace(activation="gelu")).apply({"params": params}, jnp.asarray(tokens)))
+    assert np.abs(tanh[..., :50257] - expected).max() > 1e-3  # the approximation would not have passed
+    from gptjax.convert import export_to_hf
+
+    export_to_hf(str(tmp_path / "converted"), str(tmp_path / "exported"))
+    with open(tmp_path / "exported" / "config.json") as f:
+        assert json.load(f)["activation_function"] == "gelu"
+
+
+def test_a_converted_checkpoint_holds_parameters_only_and_trains_in_place(hf_gpt2, tmp_path):
+    from gptjax.train import train_and_evaluate
+
+    _, directory = hf_gpt2
+    converted = str(tmp_path / "converted")
+    convert(directory, converted)
+    step_dir = os.path.join(converted, "checkpoints", "0")
+    assert "params" in os.listdir(step_dir) and "opt_state" not in os.listdir(step_dir), os.listdir(step_dir)
+    # Training in the converted workdir itself resumes its step 0 with a fresh optimizer.
+    config = small_config(steps=2)
+    config.model.update(dict(max_len=32, n_layer=2, n_head=4, d_model=64, d_ff=256, pos_embedding="learned",
+                             activation="gelu"))
+    result = train_and_evaluate(config, converted, progress=False)
+    assert result["step"] == 2 and "opt_state" in os.listdir(os.path.join(converted, "checkpoints", "2"))
+    assert os.path.isdir(step_dir) and not os.path.exists(os.path.join(converted, "checkpoints_damaged"))

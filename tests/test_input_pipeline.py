@@ -302,3 +302,27 @@ def test_empty_and_too_short_corpora_are_clear_errors(tmp_path):
     (tmp_path / "notes.md").write_text("# hi")
     with pytest.raises(UserError, match="is not .txt, .jsonl or .parquet"):
         ip.prepare(make_config(path=str(tmp_path / "*")), str(tmp_path / "w3"), progress=False)
+
+
+def test_a_tokenizer_past_65536_ids_gets_a_uint32_cache_of_its_own(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # A real local tokenizer directory of 70,000 words, as save_pretrained writes it; its last ids need 17 bits.
+    vocab = {"<eos>": 0, **{f"w{i}": i + 1 for i in range(69_999)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    directory = str(tmp_path / "tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>").save_pretrained(directory)
+    documents = [" ".join(f"w{i}" for i in range(start, 70_000, 997)) for start in range(8)]
+    config = make_config(path=write_txt_corpus(str(tmp_path / "corpus"), documents), tokenizer=directory,
+                         eval_fraction=0.0)
+    cache = ip.prepare(config, str(tmp_path / "run"), progress=False)  # model.vocab_size: still GPT-2's 50257
+    assert cache.manifest["dtype"] == "uint32" and cache.manifest["key"]["token_dtype"] == "uint32"
+    stream = cache.stream("train")
+    tokens = stream.read(0, stream.num_tokens)
+    assert tokens.max() > 65_535
+    want = sorted(int(w[1:]) + 1 for text in documents for w in text.split()) + [0] * len(documents)
+    np.testing.assert_array_equal(np.sort(tokens), np.sort(want))
+    # GPT-2's cache is still uint16, under the directory name it always had (no dtype in its key).
+    assert ip.token_dtype("gpt2") == "uint16" and "token_dtype" not in ip.cache_key(make_config().data)

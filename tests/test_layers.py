@@ -7,9 +7,9 @@ import pytest
 from gptjax import checkpoints, sampling
 from gptjax import train_step as steps_lib
 from gptjax.configs import build_model_config, scan_layers_supported
-from gptjax.convert import hf_state_dict, stack_blocks, unstack_blocks
+from gptjax.convert import hf_state_dict
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, count_params
+from gptjax.model import GPT, ModelConfig, count_params, init_params, stack_blocks, unstack_blocks
 from tests.test_train import read_metrics, small_config
 
 CFG = ModelConfig(max_len=16, n_layer=3, n_head=2, d_model=32, d_ff=64)
@@ -136,3 +136,21 @@ def test_train_and_sample_with_scan_layers_and_remat(tmp_path):
     assert cfg.scan_layers and params["blocks"]["mlp"]["fc"]["kernel"].shape == (2, 32, 64)
     tokens = sampling.generate(params, cfg, [50256], jax.random.key(0), max_new_tokens=5)
     assert tokens.shape == (1, 5)
+
+
+@needs_scan
+def test_the_layout_is_a_pure_layout_switch_from_the_same_seed(tmp_path):
+    from gptjax.train import train_and_evaluate
+
+    # Fresh runs from one seed: the same initial numbers (stacked), so the same losses, in either layout.
+    runs = {}
+    for scan_layers in (False, True):
+        config = small_config(steps=3)
+        config.model.scan_layers = scan_layers
+        train_and_evaluate(config, str(tmp_path / str(scan_layers)), progress=False)
+        runs[scan_layers] = [m["loss"] for m in read_metrics(str(tmp_path / str(scan_layers)))]
+    assert len(runs[True]) == 3
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)
+    cfg = build_model_config(small_config().model)
+    fresh = init_params(cfg.replace(scan_layers=True), jax.random.key(0))
+    assert_trees_close(unstack_blocks(fresh, cfg.n_layer), init_params(cfg, jax.random.key(0)), 0, 0)

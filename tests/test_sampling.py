@@ -43,10 +43,27 @@ def test_decoding_past_the_context_window_slides(params):
     assert dropped == 14 and fitted == prompt[14:]
     out = sampling.generate(params, CFG, fitted, jax.random.key(1), max_new_tokens=40, temperature=0.0)
     assert out.shape == (1, 40)
-    # The first slide happens once the cache is full: until then cached and uncached greedy agree.
-    reference = sampling.generate_greedy_uncached(params, CFG, fitted, 1)
-    assert out[0, 0] == reference[0, 0]
+    # The window is full from the start, so it slides at the first token and every 4 tokens after: 10 slides,
+    # every token equal to the uncached reference that follows the same rule.
+    np.testing.assert_array_equal(out, sampling.generate_greedy_uncached(params, CFG, fitted, 40))
     assert sampling.fit_prompt([], CFG, eos_id=50256) == ([50256], 0)
+
+
+@pytest.mark.parametrize("pos_embedding", ["sinusoidal", "learned", "rope"])
+def test_every_token_past_several_slides_equals_the_uncached_reference(pos_embedding):
+    cfg = CFG.replace(pos_embedding=pos_embedding)
+    p = GPT(cfg).init(jax.random.key(1), jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
+    embedding = p["token_embedding"]["embedding"]
+    p["token_embedding"]["embedding"] = 0.02 * embedding / embedding.std()  # every kind's at GPT-2's N(0, 0.02)
+    # Large block weights make predictions peaked and varied (a random model's greedy path soon repeats one token,
+    # which any window rule would reproduce).
+    p = jax.tree.map(lambda x: x * 12 if x.ndim == 2 and x.shape[0] < cfg.padded_vocab_size else x, p)
+    prompt = [464, 2068, 7586]  # fills the 16-token window after 13 tokens, then slides every 4: 7 slides in 40
+    cached = sampling.generate(p, cfg, prompt, jax.random.key(0), max_new_tokens=40, temperature=0.0, num_samples=2,
+                               chunk=5)
+    reference = sampling.generate_greedy_uncached(p, cfg, prompt, 40, num_samples=2)
+    np.testing.assert_array_equal(cached, reference)
+    assert len(set(reference[0].tolist())) >= 5 and len(set(reference[0, 20:].tolist())) >= 2  # a varied path
 
 
 def test_a_decoding_step_updates_the_kv_cache_in_place_at_batch_1(params):

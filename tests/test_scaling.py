@@ -59,3 +59,25 @@ def test_projected_hours_of_an_experiment_by_hand(capsys):
     assert 40 < result["tokens_per_parameter"] < 45
     scaling.main(["--config", "experiments/m1.py", "--device_flops", "10.4e12", "--mfu", "0.3"])
     assert "at 30% MFU of 10.4 TFLOP/s: 26k tokens/s, 8.9 hours" in capsys.readouterr().out
+
+
+def test_flops_follow_the_trained_sequence_length_not_the_context(tmp_path):
+    from gptjax.configs import build_model_config, load_config_file
+    from gptjax.scaling import flops_per_token, matmul_param_count, planned_steps
+    from gptjax.train import train_and_evaluate
+    from tests.test_train import small_config
+
+    # Steps from a budget: m1 trained on 128-token windows of its 256-token context.
+    config = load_config_file("experiments/m1.py")
+    config.data.seq_len = 128
+    cfg = build_model_config(config.model)
+    per_token = 6 * matmul_param_count(cfg) + 12 * 8 * 128 * 256
+    assert flops_per_token(cfg, 128) == per_token < flops_per_token(cfg)
+    assert planned_steps(config, cfg) == int(1e17 // (per_token * 128 * 128))
+    assert scaling.projection(config, 10.4e12, 0.3)["flops"] == pytest.approx(1e17, rel=1e-4)
+    # MFU of a run on 8-token windows of a 16-token context, against a stated peak.
+    config = small_config(steps=2, peak_flops=1e12)
+    config.data.seq_len = 8
+    result = train_and_evaluate(config, str(tmp_path), progress=False)
+    cfg = build_model_config(config.model)
+    assert result["mfu"] == pytest.approx(result["tokens_per_second"] * flops_per_token(cfg, 8) / 1e12)

@@ -1,10 +1,13 @@
 """Training end to end on real text (the Python docs shipped with Python), with a model small enough for CI."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -263,6 +266,39 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
 
 
+@contextlib.contextmanager
+def without_root():
+    """Root reads every file whatever its mode, so where the tests run as root (CI) the process takes nobody's user
+    id for the block (and root's back after), to meet a permission error as a user would."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_an_unreadable_newest_checkpoint_stops_in_one_line_and_stays_in_place():
+    workdir = tempfile.mkdtemp()  # not under pytest's tmp_path, which only its owner may enter
+    try:
+        os.chmod(workdir, 0o755)
+        train_and_evaluate(small_config(steps=4, checkpoint_every=2), workdir, progress=False)
+        latest = os.path.join(checkpoints.checkpoint_dir(workdir), "4")
+        for root, _, files in os.walk(os.path.join(latest, "params")):
+            for name in files:
+                os.chmod(os.path.join(root, name), 0)
+        with without_root(), pytest.raises(UserError, match=r"checkpoint 4 in .* could not be read \(PermissionError: "
+                                                            r".*\), which does not look like damage, so it was left "
+                                                            r"in place"):
+            train_and_evaluate(small_config(steps=6, checkpoint_every=2), workdir, progress=False)
+        assert os.path.isdir(latest) and not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
+        assert checkpoints.make_manager(workdir).all_steps() == [2, 4]
+    finally:
+        shutil.rmtree(workdir)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train_and_evaluate(small_config(steps=2, checkpoint_every=2), str(tmp_path), progress=False)
     with pytest.raises(UserError, match="became NaN/inf at step 3.*last good checkpoint is kept"):
@@ -279,22 +315,28 @@ def test_unknown_config_key_on_the_command_line_is_one_line():
                                      "valid keys there: " + str(sorted(small_config().train.keys())))
 
 
-@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])  # fsdp: each process holds and saves half of the state
-def test_two_processes_train_like_one(tmp_path, sharding):
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_two_processes(workdir, *overrides):
+    port = free_port()
+    return [run_train_command(workdir, *overrides, f"--config.train.coordinator_address=localhost:{port}",
+                              "--config.train.num_processes=2", f"--config.train.process_id={i}")
+            for i in range(2)]
+
+
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])  # fsdp: each process holds and saves half of the state
+def test_two_processes_train_like_one(tmp_path, sharding):
     common = ["--config.train.steps=3", "--config.train.checkpoint_every=3", "--config.train.async_checkpoints=false"]
     single = run_train_command(str(tmp_path / "single"), *common)
     out_single, err_single = single.communicate(timeout=300)
     assert single.returncode == 0, err_single[-2000:]
-    workers = [run_train_command(str(tmp_path / "multi"), *common,
-                                 f"--config.train.coordinator_address=localhost:{port}",
-                                 "--config.train.num_processes=2", f"--config.train.process_id={i}",
-                                 f"--config.train.sharding={sharding}")
-               for i in range(2)]
+    workers = start_two_processes(str(tmp_path / "multi"), *common, f"--config.train.sharding={sharding}")
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-3000:]
@@ -302,3 +344,31 @@ def test_two_processes_train_like_one(tmp_path, sharding):
     multi_losses = [m["loss"] for m in read_metrics(str(tmp_path / "multi"))]
     np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
     assert "2 process(es)" in outputs[0][0]
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+    multi = str(tmp_path / "multi")
+    common = ["--config.train.steps=1000", "--config.train.checkpoint_every=1000",
+              "--config.train.async_checkpoints=false"]
+    workers = start_two_processes(multi, *common)
+    metrics_path = os.path.join(multi, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and all(w.poll() is None for w in workers) and not (
+            os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3):
+        time.sleep(0.2)
+    assert all(w.poll() is None for w in workers), [w.communicate()[1][-2000:] for w in workers]
+    workers[1].send_signal(signal.SIGTERM)  # the second process only
+    outputs = [w.communicate(timeout=240) for w in workers]
+    assert [w.returncode for w in workers] == [130, 130], [err[-2000:] for _, err in outputs]
+    saved = checkpoints.make_manager(multi).all_steps()
+    assert len(saved) == 1 and saved[0] >= 3, saved  # one checkpoint, written by both processes together
+    assert f"Interrupted: saving step {saved[0]}" in outputs[0][1]
+    # The rerun goes on from there with the losses of a run that was never interrupted.
+    resume_to = saved[0] + 2
+    for worker in start_two_processes(multi, *common, f"--config.train.stop_at_step={resume_to}"):
+        assert worker.wait(timeout=300) == 0
+    straight = run_train_command(str(tmp_path / "straight"), *common, f"--config.train.stop_at_step={resume_to}")
+    assert straight.wait(timeout=300) == 0
+    losses = [m["loss"] for m in read_metrics(multi)]
+    assert [m["step"] for m in read_metrics(multi)] == list(range(1, resume_to + 1))
+    np.testing.assert_allclose(losses, [m["loss"] for m in read_metrics(str(tmp_path / "straight"))], rtol=1e-5)

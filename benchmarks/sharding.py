@@ -1,0 +1,91 @@
+"""Per-device memory of the train step: `python -m benchmarks.sharding [--config experiments/m1.py]`.
+
+Compiles the real train step over all local devices, replicated and with train.sharding='fsdp', under every
+train.parallelism the config accepts with each, and reports, per device, XLA's memory plan of the compiled step
+(`Compiled.memory_analysis()`): the arguments (parameters, Adam moments, the batch rows) and the temporaries (what
+the step allocates while it runs: gathered parameters, activations, gradients). Nothing runs, so a shape too big
+to train here can still be planned. On a CPU, split it into devices first:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m benchmarks.sharding --n_layer 4 --d_model 512 \
+        --seq_len 64 --batch_size 4
+
+Nothing is asserted here; tests/test_sharding.py asserts fsdp's ratios from this module's numbers.
+"""
+
+import itertools
+import json
+
+import jax
+
+from gptjax import cli, kernels
+from gptjax import train_step as steps_lib
+from gptjax.configs import CHOICES, build_model_config, load_config_file, validate
+from gptjax.errors import UserError, exit_on_user_error
+
+MiB = 2 ** 20
+
+
+def step_memory(config, sharding: str, parallelism: str) -> dict:
+    """Per-device arguments and temporaries (MiB) of the config's train step, compiled for the local devices."""
+    train = config.train
+    cfg = build_model_config(config.model)
+    optimizer = steps_lib.make_optimizer(train, 1000)
+    mesh = steps_lib.data_mesh()
+    abstract_state = jax.eval_shape(lambda: steps_lib.create_train_state(cfg, optimizer, seed=0))
+    step = steps_lib.make_train_step(cfg, optimizer, mesh, steps_lib.state_sharding(abstract_state, mesh, sharding),
+                                     seed=0, donate=True,
+                                     loss_chunk=kernels.loss_chunk_tokens(train.loss_chunk_tokens),
+                                     parallelism=parallelism)
+    batch = jax.ShapeDtypeStruct((train.grad_accum_steps, train.batch_size // train.grad_accum_steps,
+                                  config.data.seq_len + 1), jax.numpy.int32)
+    memory = step.lower(abstract_state, batch).compile().memory_analysis()
+    return {"sharding": sharding, "parallelism": parallelism,
+            "arguments_MiB": memory.argument_size_in_bytes / MiB, "temp_MiB": memory.temp_size_in_bytes / MiB}
+
+
+def main(argv=None) -> dict:
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="experiments/m1.py")
+    parser.add_argument("--n_layer", type=int, help="override model.n_layer")
+    parser.add_argument("--d_model", type=int, help="override model.d_model (and d_ff = 4 d_model)")
+    parser.add_argument("--seq_len", type=int, help="override model.max_len and data.seq_len")
+    parser.add_argument("--batch_size", type=int, default=16, help="global batch (sequences)")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per step (train.grad_accum_steps)")
+    parser.add_argument("--loss_chunk_tokens", type=int, default=0,
+                        help="train.loss_chunk_tokens (default 0: the plain loss, as on a GPU)")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        config = load_config_file(args.config)
+        if args.n_layer:
+            config.model.n_layer = args.n_layer
+        if args.d_model:
+            config.model.update(d_model=args.d_model, d_ff=4 * args.d_model)
+        if args.seq_len:
+            config.model.max_len = config.data.seq_len = args.seq_len
+        config.train.update(batch_size=args.batch_size, grad_accum_steps=args.accum,
+                            loss_chunk_tokens=args.loss_chunk_tokens)
+        cli.require(args.batch_size % (args.accum * jax.device_count()) == 0,
+                    f"--batch_size={args.batch_size} must split into --accum={args.accum} micro-batches of a multiple "
+                    f"of the {jax.device_count()} devices")
+        results = []
+        for sharding, parallelism in itertools.product(CHOICES["train.sharding"], CHOICES["train.parallelism"]):
+            config.train.update(sharding=sharding, parallelism=parallelism)
+            try:  # every layout the config accepts; 'auto' is one of the others (train_step.resolve_parallelism)
+                validate(config)
+            except UserError:
+                continue
+            if parallelism != "auto":
+                results.append(step_memory(config, sharding, parallelism))
+    replicated = results[0]["arguments_MiB"] + results[0]["temp_MiB"]
+    for r in results:
+        r["total_vs_replicated"] = (r["arguments_MiB"] + r["temp_MiB"]) / replicated
+        print(f"{r['sharding']:<10} {r['parallelism']:<9} | per device: arguments {r['arguments_MiB']:8.1f} MiB, "
+              f"temporaries {r['temp_MiB']:8.1f} MiB | total {r['total_vs_replicated']:.2f}x replicated")
+    report = {"config": args.config, "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
+              "steps": results}
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
