@@ -89,6 +89,20 @@ def check_compatible(meta: dict, model_config: dict, workdir: str) -> list[str]:
     return [text for key, text in differences.items() if key in FREE_MODEL_KEYS]
 
 
+def latest_meta(workdir: str) -> dict | None:
+    """The meta of the newest checkpoint in `workdir` whose meta reads, or None (creating nothing): what a run can
+    check against its config before any data is read. Damage is left to `restore_latest`, which says so."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    manager = make_manager(workdir, async_save=False)
+    for step in usable_steps(manager):
+        try:
+            return read_meta(manager, step)
+        except Exception:
+            continue
+    return None
+
+
 def usable_steps(manager: ocp.CheckpointManager) -> list[int]:
     return sorted(manager.all_steps(), reverse=True)
 
@@ -187,6 +201,21 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def missing_run_hint(workdir: str) -> str:
+    """What to pass instead of a --workdir that holds no checkpoints: its parent when it is a run's checkpoints
+    folder, the runs inside it when it is a folder of runs, else how to train one."""
+    parent = os.path.dirname(os.path.abspath(workdir))
+    if os.path.basename(os.path.abspath(workdir)) == "checkpoints" and os.path.isdir(checkpoint_dir(parent)):
+        return f"{workdir} is the checkpoints folder of a run; pass the run itself: --workdir {parent}"
+    names = os.listdir(workdir) if os.path.isdir(workdir) else []
+    runs = sorted(name for name in names if os.path.isdir(checkpoint_dir(os.path.join(workdir, name))))
+    if runs:
+        shown = ", ".join(os.path.join(workdir, name) for name in runs[:5]) + (", ..." if len(runs) > 5 else "")
+        return f"{workdir} holds runs, not checkpoints; pass one of them as --workdir: {shown}"
+    return (f"no checkpoints in {checkpoint_dir(workdir)}; train first (python -m gptjax.train --workdir {workdir}) "
+            f"or pass the --workdir of a trained run")
+
+
 def load_for_inference(workdir: str, step: int | None = None):
     """(params, ModelConfig, meta) of the latest checkpoint in `workdir` (or `step`), without the optimizer state."""
     from gptjax.configs import build_model_config
@@ -194,8 +223,7 @@ def load_for_inference(workdir: str, step: int | None = None):
 
     check_workdir(workdir)
     if not os.path.isdir(checkpoint_dir(workdir)):
-        raise UserError(f"no checkpoints in {checkpoint_dir(workdir)}; train first (python -m gptjax.train "
-                        f"--workdir {workdir}) or pass the --workdir of a trained run")
+        raise UserError(missing_run_hint(workdir))
     manager = make_manager(workdir, async_save=False)
     steps = usable_steps(manager)
     if not steps:

@@ -8,7 +8,7 @@ any corpus the input pipeline reads. Prints a final JSON line. Two standard meas
   paper's convention), with the words counted as the whitespace-separated pieces of the evaluated text. gptjax
   evaluates non-overlapping windows (each token sees only its window's tokens before it), so expect numbers above
   a sliding-window evaluation's.
-- `--lambada FILE.jsonl`: last-word accuracy (Paperno et al. 2016): from each record's text (data.text_field), predict
+- `--lambada FILE.jsonl`: last-word accuracy (Paperno et al. 2016): from each record's text (--text_field), predict
   its last word from the rest; a hit is the greedy prediction of every token of that word.
 """
 
@@ -74,8 +74,8 @@ def read_last_word_examples(path: str, text_field: str) -> list[str]:
         for number, line in enumerate(f, 1):
             if line.strip():
                 where = f"{path} line {number}"
-                text = input_pipeline.field_of(json.loads(input_pipeline.decode_utf8(line, where, "strict")),
-                                               text_field, where).strip()
+                text = input_pipeline.field_of(input_pipeline.json_record(line, where), text_field, where,
+                                               fix="pass --text_field").strip()
                 if len(text.split()) < 2:
                     raise UserError(f"{where} has fewer than two words; each example needs a context and a last word")
                 texts.append(text)
@@ -142,6 +142,8 @@ def define_flags():
     flags.DEFINE_boolean("words", False, "Also report word-level perplexity (total NLL over whitespace-separated "
                          "words), for word-tokenized sets such as WikiText.")
     flags.DEFINE_string("lambada", None, "A .jsonl file of texts (data.text_field): report last-word accuracy instead.")
+    flags.DEFINE_string("text_field", None, "The field of --lambada's records that holds the text (default: the "
+                        "run's data.text_field).")
 
 
 FLAGS = flags.FLAGS
@@ -157,7 +159,7 @@ def main():
     if FLAGS.lambada:
         from gptjax.tokenizer import load_tokenizer
 
-        texts = read_last_word_examples(FLAGS.lambada, config.data.text_field)
+        texts = read_last_word_examples(FLAGS.lambada, FLAGS.text_field or config.data.text_field)
         results = last_word_accuracy(params, model_config, load_tokenizer(config.data.tokenizer), texts)
         print(json.dumps({"step": meta["step"], "lambada": FLAGS.lambada, **results}))
         return
@@ -173,6 +175,10 @@ def main():
         raise UserError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices")
     params_sharding = steps_lib.replicated_sharding(params, mesh)
     eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding)
+    if FLAGS.split == "validation" and config.data.eval_fraction == 0 and FLAGS.path is None:
+        raise UserError(f"the run in {FLAGS.workdir} was trained with data.eval_fraction=0: it held out no documents "
+                        f"to evaluate on; pass --split train to read its training text, or a corpus of its own "
+                        f"whole: --source text --path FILE --split train")
     stream = cache.stream(FLAGS.split)
     results = evaluate_loss(params, eval_step, stream, config.data.seq_len, batch_size,
                             max_batches, mesh, token_byte_lengths(config.data.tokenizer,

@@ -33,6 +33,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from gptjax import interrupts
 from gptjax.errors import UserError
 from gptjax.tokenizer import END_OF_TEXT_ID, load_bulk_encoder, load_tokenizer
 
@@ -123,15 +124,20 @@ def text_file_documents(data) -> Iterator[str]:
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
         raise UserError(f"data.path={data.path!r} matches no files; check the path or quote the glob")
-    unknown = [p for p in paths if not p.endswith((".txt", ".jsonl", ".parquet"))]
+    unknown = [p for p in paths if not p.endswith((*TEXT_EXTENSIONS, ".jsonl", ".parquet"))]
     if unknown:
-        raise UserError(f"{unknown[0]} is not .txt, .jsonl or .parquet; narrow data.path to those files")
+        raise UserError(f"{unknown[0]} is not {', '.join(TEXT_EXTENSIONS)}, .jsonl or .parquet; narrow data.path to "
+                        f"those files (rename plain text to .txt)")
     return _text_file_documents(paths, data)
+
+
+# Plain UTF-8 text: .txt, and WikiText's files as they are published (wiki.test.tokens).
+TEXT_EXTENSIONS = (".txt", ".tokens")
 
 
 def _text_file_documents(paths, data) -> Iterator[str]:
     for path in paths:
-        if path.endswith(".txt"):
+        if path.endswith(TEXT_EXTENSIONS):
             text = read_utf8(path, data.utf8_errors)
             if data.txt_documents == "file":
                 yield text
@@ -143,15 +149,20 @@ def _text_file_documents(paths, data) -> Iterator[str]:
             with open(path, "rb") as f:
                 for line_number, line in enumerate(f, 1):
                     if line.strip():
-                        record = json.loads(decode_utf8(line, f"{path} line {line_number}", data.utf8_errors))
-                        yield field_of(record, data.text_field, f"{path} line {line_number}")
+                        where = f"{path} line {line_number}"
+                        yield field_of(json_record(line, where, data.utf8_errors), data.text_field, where)
         else:
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
             table = pq.ParquetFile(path)
             if data.text_field not in table.schema_arrow.names:
                 raise UserError(f"{path} has no column {data.text_field!r} (columns: {table.schema_arrow.names}); "
                                 f"set data.text_field")
+            column_type = table.schema_arrow.field(data.text_field).type
+            if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+                raise UserError(f"{path} column {data.text_field!r} holds {column_type}, not text; set "
+                                f"data.text_field to its text column")
             for batch in table.iter_batches(columns=[data.text_field]):
                 yield from (text for text in batch.column(0).to_pylist() if text)
 
@@ -169,10 +180,26 @@ def decode_utf8(raw: bytes, where: str, errors: str) -> str:
                         f"data.utf8_errors=replace") from None
 
 
-def field_of(record, field: str, where: str) -> str:
-    if not isinstance(record, dict) or field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise UserError(f"{where} has no text field {field!r} (it has {keys}); set data.text_field")
+def json_record(line: bytes, where: str, utf8_errors: str = "strict"):
+    """One line of a .jsonl file, parsed; a line that is not JSON is a UserError naming it."""
+    try:
+        return json.loads(decode_utf8(line, where, utf8_errors).strip())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not JSON ({e.msg}: column {e.colno}); each line must be one JSON object: fix "
+                        f"or remove that line") from None
+
+
+def field_of(record, field: str, where: str, fix: str = "set data.text_field") -> str:
+    """The text in `record[field]`; a record that is not an object, lacks the field or holds no string there is a
+    UserError naming where it is and `fix`."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is a JSON {type(record).__name__}, not an object with a {field!r} field; each line "
+                        f"must be an object such as {{\"{field}\": \"...\"}}")
+    if field not in record:
+        raise UserError(f"{where} has no text field {field!r} (it has {sorted(record)}); {fix}")
+    if not isinstance(record[field], str):
+        raise UserError(f"{where} field {field!r} is a {type(record[field]).__name__}, not text; {fix} to the field "
+                        f"that holds the text")
     return record[field]
 
 
@@ -314,7 +341,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
     data = config.data
     directory = cache_directory(data, workdir)
     manifest_path = os.path.join(directory, MANIFEST)
-    os.makedirs(directory, exist_ok=True)
     manifest = {"version": 1, "key": cache_key(data), "complete": False, "documents_done": 0,
                 "splits": {"train": [], "validation": []}}
     if os.path.exists(manifest_path):
@@ -335,6 +361,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
 
     def flush():
         nonlocal buffered_tokens
+        if not buffered_tokens and not any(manifest["splits"].values()):
+            return  # no token yet: nothing worth resuming, so no directory (a failed first read leaves nothing)
+        os.makedirs(directory, exist_ok=True)
         for split, chunks in buffers.items():
             if chunks:
                 tokens = np.concatenate(chunks)
@@ -366,16 +395,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
                 flush()
         bar.update(len(texts))
         bar.set_postfix(tokens=f"{sum(s['tokens'] for s in manifest['splits']['train']) + buffered_tokens:,}")
+        if interrupts.requested():  # Ctrl-C: keep what is done (below), then stop
+            break
     bar.close()
-    flush()  # keeps what was tokenized even if the source failed: a rerun resumes after it
+    flush()  # keeps what was tokenized even if the source failed or was interrupted: a rerun resumes after it
+    interrupts.check()
     raise_deferred_error()
+    if not manifest["splits"]["train"]:
+        raise UserError(f"{describe_source(data)} gave no training tokens (all documents empty?); add text")
     manifest["complete"] = True
     manifest["documents"] = done
     write_atomically(manifest_path, json.dumps(manifest, indent=1).encode())
-    cache = TokenCache(directory, manifest)
-    if cache.num_tokens("train") == 0:
-        raise UserError(f"{describe_source(data)} gave no training tokens (all documents empty?); add text")
-    return cache
+    return TokenCache(directory, manifest)
 
 
 # ----------------------------------------------------------------------------------------------------------------

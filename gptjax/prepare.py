@@ -8,7 +8,7 @@ import json
 
 from absl import flags
 
-from gptjax import cli, input_pipeline
+from gptjax import cli, input_pipeline, interrupts
 from gptjax.configs import define_config_flag, validate
 from gptjax.errors import check_workdir
 
@@ -16,7 +16,12 @@ from gptjax.errors import check_workdir
 def main():
     validate(_CONFIG.value)
     check_workdir(flags.FLAGS.workdir)
-    cache = input_pipeline.prepare(_CONFIG.value, flags.FLAGS.workdir)
+    try:
+        with interrupts.handled():
+            cache = input_pipeline.prepare(_CONFIG.value, flags.FLAGS.workdir)
+    except KeyboardInterrupt:
+        interrupts.exit_interrupted("Stopped: the token cache keeps what was tokenized; rerun the same command to "
+                                    "resume")
     summary = {"cache": cache.directory, "documents": cache.manifest["documents"],
                "train_tokens": cache.num_tokens("train"), "validation_tokens": cache.num_tokens("validation")}
     print(json.dumps(summary))

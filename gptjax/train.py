@@ -5,15 +5,17 @@ step, hence schedule and data position). `train_and_evaluate(config, workdir)` i
 tests run exactly what the command runs, on a shrunken config.
 """
 
-import contextlib
+if __name__ == "__main__":  # before the imports below take their seconds: Ctrl-C is a stop request from the start
+    from gptjax import interrupts as _interrupts
+
+    _interrupts.install()
+
 import dataclasses
 import functools
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -25,7 +27,7 @@ from absl import flags
 from jax.sharding import Mesh, PartitionSpec
 from tqdm import tqdm
 
-from gptjax import checkpoints, cli, hardware, input_pipeline, kernels, sampling
+from gptjax import checkpoints, cli, hardware, input_pipeline, interrupts, kernels, sampling
 from gptjax.evaluate import evaluate_loss
 from gptjax import train_step as steps_lib
 from gptjax.configs import build_model_config, define_config_flag, validate
@@ -84,6 +86,24 @@ def describe_fsdp(abstract_params, devices: int) -> str:
         text += (f"; {len(whole)} array(s) have no dimension {devices} divides and stay whole on every device "
                  f"({', '.join(whole[:3])}{', ...' if len(whole) > 3 else ''})")
     return text
+
+
+def check_checkpoints_fit(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses, from the checkpoints' metadata alone, a workdir that holds a run of another model shape, and a
+    train.init_from that has no checkpoint or one of another shape: before any data is read."""
+    meta = checkpoints.latest_meta(workdir)
+    if meta is not None:
+        checkpoints.check_compatible(meta, config.model.to_dict(), workdir)
+        return
+    init_from = config.train.init_from
+    if not init_from:
+        return
+    meta = checkpoints.latest_meta(init_from)
+    if meta is None:
+        raise UserError(f"train.init_from={init_from!r} holds no checkpoint (looked in "
+                        f"{checkpoints.checkpoint_dir(init_from)}); set train.init_from to the --workdir of a trained "
+                        f"run or of one gptjax.convert wrote")
+    checkpoints.check_compatible(meta, config.model.to_dict(), init_from)
 
 
 def prepare_data(config, workdir: str) -> input_pipeline.TokenCache:
@@ -146,27 +166,6 @@ def describe(n: float, flops: bool = False) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.3g}"
-
-
-class StopSignal:
-    """Signal handler for Ctrl-C (SIGINT) and SIGTERM: the loop stops after the step in flight and saves it.
-
-    Raising from the handler instead could land inside the jitted step, after it consumed (donated) the old state
-    and before the new one exists, leaving nothing to save. The first Ctrl-C says so at once (an evaluation or a
-    save may still be running); a second one stops at once.
-    """
-
-    def __init__(self, announce: bool):
-        self.requested = False
-        self.announce = announce
-
-    def __call__(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.announce:  # os.write, not print: the handler may run in the middle of tqdm's own write to stderr
-            os.write(2, b"\nStopping after the step in progress (and its evaluation or save), then saving a "
-                        b"checkpoint; press Ctrl-C again to stop at once\n")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -248,8 +247,16 @@ class Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
-    """Trains (or resumes) the configured run in `workdir`; returns the last logged metrics."""
+    """Trains (or resumes) the configured run in `workdir`; returns the last logged metrics. Ctrl-C or SIGTERM
+    stops it at the next safe point (gptjax/interrupts.py): before training, `interrupts.Interrupted` with nothing
+    saved; in training, `RunInterrupted` after saving the last step."""
+    with interrupts.handled():
+        return train_and_evaluate_until_interrupted(config, workdir, progress)
+
+
+def train_and_evaluate_until_interrupted(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> dict:
     run = set_up(config, workdir)
+    interrupts.check()
     state, last = initial_state(run)
     start_step, train = int(state.step), config.train
     end_step = min(run.total_steps, train.stop_at_step) if train.stop_at_step > 0 else run.total_steps
@@ -261,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
         run.manager.close()
         return {"step": start_step, "total_steps": run.total_steps, **last}
     print_plan(run, start_step)
+    interrupts.check()
     step, last = train_loop(run, state, last, start_step, end_step, progress)
     return {"step": step, "total_steps": run.total_steps, **last}
 
@@ -273,19 +281,22 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train, data = config.train, config.data
     hardware.select_platform(train.platform)
     maybe_initialize_distributed(train)
+    interrupts.reassert()
     model_config = build_model_config(config.model)
     tokenizer = load_tokenizer(data.tokenizer)
     if len(tokenizer) > model_config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={model_config.vocab_size}; "
                         f"raise model.vocab_size")
+    mesh = steps_lib.data_mesh()
+    check_batch_layout(train, mesh.size, jax.process_count())
+    check_checkpoints_fit(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    cache = prepare_data(config, workdir)
+    interrupts.check()
+    cache = prepare_data(config, workdir)  # the first step that can take long: everything above is checked first
     train_stream, eval_stream = cache.stream("train"), cache.stream("validation")
     input_pipeline.check_enough_tokens(train_stream, data.seq_len, "train")
     evaluate = check_evaluation_data(config, cache)
     total_steps = planned_steps(config, model_config)
-    mesh = steps_lib.data_mesh()
-    check_batch_layout(train, mesh.size, jax.process_count())
     optimizer = steps_lib.make_optimizer(train, total_steps)
     abstract_state = jax.eval_shape(lambda: steps_lib.create_train_state(model_config, optimizer, train.seed))
     if train.sharding == "fsdp" and jax.process_index() == 0:
@@ -359,12 +370,17 @@ def print_plan(run: Run, start_step: int) -> None:
           f"({planned_tokens / max(1, cache.num_tokens('train')):.2f} epochs), "
           f"{describe(planned_tokens * model_flops, flops=True)}FLOPs | peak "
           f"{describe(peak * run.mesh.size, flops=True)}FLOP/s ({peak_source})")
+    train = run.config.train
+    if train.warmup_steps > run.total_steps:  # the linear warmup is cut off: its last step is the run's peak
+        print(f"note     | train.warmup_steps={train.warmup_steps} is longer than the run's {run.total_steps} steps: "
+              f"the learning rate rises to {float(run.schedule(run.total_steps - 1)):.3g}, never to "
+              f"train.learning_rate={train.learning_rate:g}; lower train.warmup_steps to reach it")
     print(f"workdir  | {os.path.abspath(run.workdir)}" + (f" | resumed at step {start_step}" if start_step else ""))
 
 
 def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, progress: bool) -> tuple[int, dict]:
     """Steps from start_step to end_step, with the periodic log / evaluation / checkpoint; (step reached, last
-    metrics). Ctrl-C or SIGTERM stops after the step in flight and saves it (see StopSignal)."""
+    metrics). Ctrl-C or SIGTERM stops after the step in flight and saves it (gptjax/interrupts.py)."""
     train, data = run.config.train, run.config.data
     step_fn = steps_lib.make_train_step(run.model_config, run.optimizer, run.mesh, run.state_sharding, train.seed,
                                         donate=hardware.supports_donation(),
@@ -380,33 +396,32 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not (progress and run.is_chief), unit="step",
                dynamic_ncols=True)
     speed, step = Speedometer(train.batch_size * data.seq_len), start_step
-    with stop_signals(announce=run.is_chief) as stop:
-        try:
-            while step < end_step:
-                if stop_agreed(stop.requested):
-                    raise KeyboardInterrupt
-                batch_AxBxT1 = steps_lib.global_batch(next(batches).reshape(local_shape), run.mesh,
-                                                      PartitionSpec(None, "data"))
-                state, metrics = step_fn(state, batch_AxBxT1)
-                step += 1
-                speed.started(step, metrics)
-                log_now, eval_now, save_now = periodic_work(train, step, end_step, run.evaluate)
-                if log_now or eval_now or save_now:
-                    last = report(run, state, metrics, step, speed, eval_fn, eval_now, bar)
-                    log.write(step, last)
-                    if save_now:
-                        save(run, state, step, last)
-                    speed.restart(step)  # evaluation and saving do not count against speed
-                bar.update(1)
-        except KeyboardInterrupt:
-            bar.close()
-            save_on_interrupt(state, start_step, run.manager, lambda at, metrics: save(run, state, at, metrics), last,
-                              run.workdir, run.is_chief)
-            raise RunInterrupted from None
-        finally:
-            bar.close()
-            batches.close()
-            run.manager.wait_until_finished()
+    try:
+        while step < end_step:
+            if stop_agreed(interrupts.requested()):
+                raise KeyboardInterrupt
+            batch_AxBxT1 = steps_lib.global_batch(next(batches).reshape(local_shape), run.mesh,
+                                                  PartitionSpec(None, "data"))
+            state, metrics = step_fn(state, batch_AxBxT1)
+            step += 1
+            speed.started(step, metrics)
+            log_now, eval_now, save_now = periodic_work(train, step, end_step, run.evaluate)
+            if log_now or eval_now or save_now:
+                last = report(run, state, metrics, step, speed, eval_fn, eval_now, bar)
+                log.write(step, last)
+                if save_now:
+                    save(run, state, step, last)
+                speed.restart(step)  # evaluation and saving do not count against speed
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        save_on_interrupt(state, start_step, run.manager, lambda at, metrics: save(run, state, at, metrics), last,
+                          run.workdir, run.is_chief)
+        raise RunInterrupted from None
+    finally:
+        bar.close()
+        batches.close()
+        run.manager.wait_until_finished()
     return step, last
 
 
@@ -473,19 +488,6 @@ class Speedometer:
         return (step - self.clock_step) * self.tokens_per_step / seconds if step > self.clock_step else 0.0
 
 
-@contextlib.contextmanager
-def stop_signals(announce: bool):
-    """Ctrl-C and SIGTERM handled by a StopSignal for the duration; the previous handlers come back after."""
-    stop = StopSignal(announce)
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)} \
-        if is_main_thread() else {}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def stop_agreed(requested: bool) -> bool:
     """Whether any process was asked to stop. Every process gets the same answer before the same step, so all stop
     there and save it together (a signal reaching one process alone would otherwise send it into the collective
@@ -521,11 +523,6 @@ def save_on_interrupt(state, start_step: int, manager, save, last: dict, workdir
     manager.wait_until_finished()
 
 
-def is_main_thread() -> bool:
-    """Signal handlers can only be installed from the main thread (tests may run training elsewhere)."""
-    return threading.current_thread() is threading.main_thread()
-
-
 def summary(result: dict, workdir: str) -> str:
     """What a finished (or paused) run reached, and the commands that come next."""
     step, total = result["step"], result["total_steps"]
@@ -552,12 +549,13 @@ def main():
     workdir = flags.FLAGS.workdir
     try:
         result = train_and_evaluate(_CONFIG.value, workdir)
-    except RunInterrupted:
+    except RunInterrupted:  # it said what it saved
         sys.exit(130)
-    except KeyboardInterrupt:  # a second Ctrl-C during a save, or one before training started
-        print(f"\nStopped at once: the last complete checkpoint in {checkpoints.checkpoint_dir(workdir)} (if any) is "
-              f"kept, and an unfinished token cache resumes; rerun the same command to go on", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # a stop requested before the first step
+        meta = checkpoints.latest_meta(workdir) if os.path.isdir(workdir) else None
+        kept = f"the latest checkpoint is step {meta['step']}" if meta else "no checkpoint was saved"
+        interrupts.exit_interrupted(f"Stopped before training: {kept} in {checkpoints.checkpoint_dir(workdir)}, and an "
+                                    f"unfinished token cache resumes; rerun the same command to go on")
     if jax.process_index() == 0:
         print(summary(result, workdir))
 

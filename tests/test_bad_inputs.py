@@ -221,3 +221,104 @@ def test_a_run_prints_no_library_noise(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for noise in ("oneDNN", "InitializeLog", "PyTorch was not found", "Traceback"):
         assert noise not in result.stderr, result.stderr[-3000:]
+
+
+SMALL_SHAPE = ["--config.model.max_len=16", "--config.model.n_layer=2", "--config.model.n_head=2",
+               "--config.model.d_model=32", "--config.model.d_ff=64"]  # small_config's model
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    train_and_evaluate(small_config(steps=1), workdir, progress=False)
+    return workdir
+
+
+@pytest.mark.parametrize("case", ["init_from missing", "init_from of another shape", "a workdir of another shape",
+                                  "batch and accumulation", "a path that matches nothing"])
+def test_what_the_config_and_checkpoints_can_tell_is_refused_before_any_data_work(trained_run, tmp_path, case):
+    cache = tmp_path / "cache"
+    workdir, args = tmp_path / "run", [*SMALL_SHAPE, "--config.train.eval_every=0", f"--config.data.cache_dir={cache}"]
+    if case == "init_from missing":
+        args.append(f"--config.train.init_from={tmp_path / 'nothing'}")
+        expected = f"train.init_from='{tmp_path / 'nothing'}' holds no checkpoint"
+    elif case == "init_from of another shape":
+        args += [f"--config.train.init_from={trained_run}", "--config.model.d_model=64"]
+        expected = f"the checkpoint in {trained_run}/checkpoints is from another model shape (model.d_model=32 there"
+    elif case == "a workdir of another shape":
+        workdir = trained_run
+        args.append("--config.model.d_model=64")
+        expected = f"the checkpoint in {trained_run}/checkpoints is from another model shape (model.d_model=32 there"
+    elif case == "batch and accumulation":
+        args += ["--config.train.batch_size=4", "--config.train.grad_accum_steps=3"]
+        expected = "train.batch_size=4 is not divisible by train.grad_accum_steps=3"
+    else:
+        args += ["--config.data.source=text", f"--config.data.path={tmp_path / 'corpus' / '*.txt'}"]
+        expected = f"data.path='{tmp_path / 'corpus' / '*.txt'}' matches no files"
+    saved = sorted(os.listdir(os.path.join(trained_run, "checkpoints")))
+    assert_one_error_line(run_module("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={workdir}", *args,
+                                     timeout=120), expected)
+    assert not cache.exists()  # no token cache, not even an empty directory
+    assert sorted(os.listdir(os.path.join(trained_run, "checkpoints"))) == saved
+
+
+def test_a_warmup_longer_than_the_run_states_the_peak_it_reaches(tmp_path, capsys):
+    train_and_evaluate(small_config(steps=2, warmup_steps=10), str(tmp_path), progress=False)
+    assert ("note     | train.warmup_steps=10 is longer than the run's 2 steps: the learning rate rises to 0.00057, "
+            "never to train.learning_rate=0.003; lower train.warmup_steps to reach it") in capsys.readouterr().out
+
+
+BAD_RECORDS = {  # a line of a user's .jsonl file -> the one error line that names it
+    "not JSON": ('{"text": "An unfinished record', "line 2 is not JSON (Unterminated string starting at: column 10); "
+                                                   "each line must be one JSON object"),
+    "not an object": ('["a", "list"]', "line 2 is a JSON list, not an object with a 'text' field"),
+    "no text field": ('{"body": "text under another name"}', "line 2 has no text field 'text' (it has ['body']); "
+                                                             "set data.text_field"),
+    "text not a string": ('{"text": 42}', "line 2 field 'text' is a int, not text; set data.text_field"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_RECORDS)
+def test_a_bad_record_in_a_users_jsonl_is_one_line_naming_file_and_line(tmp_path, kind):
+    line, message = BAD_RECORDS[kind]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "A first document that reads well."}\n' + line + "\n", encoding="utf-8")
+    result = run_module("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={tmp_path / 'run'}",
+                        *SMALL_SHAPE, "--config.data.source=text", f"--config.data.path={corpus}", timeout=120)
+    # The tokenizing progress bar, then one error line (what was tokenized before it is kept for a rerun).
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("tokenizing: ")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: {corpus} {message}"), result.stderr[-3000:]
+
+
+def test_a_bad_parquet_column_and_bad_lambada_files_are_one_line(tmp_path, trained_run):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+    config = small_config()
+    config.data.update(dict(source="text", path=str(tmp_path / "numbers.parquet")))
+    with pytest.raises(UserError, match=r"numbers.parquet column 'text' holds int64, not text; set data.text_field"):
+        input_pipeline.prepare(config, str(tmp_path / "run"), progress=False)
+    plain = tmp_path / "lambada.txt"
+    plain.write_text("A plain text line, not JSON\n")
+    assert_one_error_line(run_module("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={plain}"),
+                          f"{plain} line 1 is not JSON (Expecting value: column 1)")
+    other_field = tmp_path / "lambada.jsonl"
+    other_field.write_text('{"passage": "the cat sat on the mat"}\n')
+    assert_one_error_line(run_module("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={other_field}"),
+                          f"{other_field} line 1 has no text field 'text' (it has ['passage']); pass --text_field")
+    result = run_module("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={other_field}",
+                        "--text_field=passage")
+    assert result.returncode == 0 and '"lambada_examples": 1' in result.stdout, result.stderr[-2000:]
+
+
+def test_evaluating_a_run_that_held_nothing_out_names_the_fixes(tmp_path):
+    config = small_config(steps=1)
+    config.data.eval_fraction = 0.0
+    train_and_evaluate(config, str(tmp_path), progress=False)
+    assert_one_error_line(run_module("gptjax.evaluate", f"--workdir={tmp_path}", timeout=120),
+                          f"the run in {tmp_path} was trained with data.eval_fraction=0: it held out no documents to "
+                          f"evaluate on; pass --split train")
+    result = run_module("gptjax.evaluate", f"--workdir={tmp_path}", "--split=train", "--max_batches=1", timeout=120)
+    assert result.returncode == 0 and '"eval_loss"' in result.stdout, result.stderr[-2000:]

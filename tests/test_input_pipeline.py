@@ -300,7 +300,7 @@ def test_empty_and_too_short_corpora_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match=r"fewer than one window of seq_len \+ 1 = 33"):
         ip.train_batches(cache.stream("train"), 32, 4, seed=0)
     (tmp_path / "notes.md").write_text("# hi")
-    with pytest.raises(UserError, match="is not .txt, .jsonl or .parquet"):
+    with pytest.raises(UserError, match=r"is not .txt, .tokens, .jsonl or .parquet; .*\(rename plain text to .txt\)"):
         ip.prepare(make_config(path=str(tmp_path / "*")), str(tmp_path / "w3"), progress=False)
 
 

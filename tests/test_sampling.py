@@ -176,6 +176,20 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
         assert result.stderr.strip().splitlines()[-1].startswith("error: no checkpoints in")
 
 
+def test_a_folder_of_runs_or_a_checkpoints_folder_points_at_the_run(trained_workdir, tmp_path):
+    runs = tmp_path / "runs"  # as runs/ after the quickstart: a folder holding a run (and something that is not one)
+    (runs / "notes").mkdir(parents=True)
+    os.symlink(trained_workdir, runs / "tiny")
+    result = run_module("gptjax.sample", f"--workdir={runs}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {runs} holds runs, not checkpoints; pass one of them as --workdir: {runs / 'tiny'}"]
+    checkpoints_folder = os.path.join(trained_workdir, "checkpoints")
+    result = run_module("gptjax.evaluate", f"--workdir={checkpoints_folder}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {checkpoints_folder} is the checkpoints folder of a run; pass the run itself: --workdir "
+        f"{trained_workdir}"]
+
+
 def test_evaluate_equals_the_eval_loss_logged_in_training(trained_workdir, tmp_path):
     result = run_module("gptjax.evaluate", f"--workdir={trained_workdir}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -206,9 +220,10 @@ def test_word_level_perplexity_divides_the_total_loss_by_the_words(trained_workd
     from gptjax.tokenizer import load_tokenizer
 
     text = " ".join(topics["class"].split())  # word-tokenized, as WikiText: words separated by single spaces
-    (tmp_path / "words.txt").write_text(text, encoding="utf-8")
+    # README's WikiText command, on a file named as WikiText publishes its test split.
+    (tmp_path / "wiki.test.tokens").write_text(text, encoding="utf-8")
     result = run_module("gptjax.evaluate", f"--workdir={trained_workdir}", "--source=text",
-                        f"--path={tmp_path / 'words.txt'}", "--split=train", "--max_batches=0", "--words")
+                        f"--path={tmp_path / 'wiki.test.tokens'}", "--split=train", "--max_batches=0", "--words")
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     tokenizer = load_tokenizer()

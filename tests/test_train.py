@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -217,8 +218,9 @@ def run_train_command(workdir, *overrides, **popen):
                "--config.model.max_len=16", "--config.model.n_layer=2", "--config.model.n_head=2",
                "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.batch_size=4",
                "--config.train.log_every=1", "--config.train.eval_every=0", *overrides]
+    popen.setdefault("env", dict(os.environ, PYTHONPATH=REPO_ROOT))
     return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=REPO_ROOT), **popen)
+                            **popen)
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
@@ -237,6 +239,71 @@ def test_interrupt_saves_a_restorable_checkpoint(tmp_path, signal_number):
     assert "Interrupted: saving step" in stderr
     params, meta = restore_params(workdir, small_config(steps=100000))
     assert meta["step"] >= 3 and np.isfinite(jax.tree.leaves(params)[0]).all()
+
+
+class Output:
+    """A subprocess's stdout and stderr, read as they come (threads), so a test can wait for a phase to begin."""
+
+    def __init__(self, process):
+        self.text = {"stdout": "", "stderr": ""}
+        self.threads = [threading.Thread(target=self.read, args=(name, getattr(process, name))) for name in self.text]
+        for thread in self.threads:
+            thread.start()
+
+    def read(self, name, stream):
+        for chunk in iter(lambda: stream.read(1), ""):
+            self.text[name] += chunk
+
+    def wait_for(self, process, name, marker, timeout=240):
+        deadline = time.time() + timeout
+        while marker not in self.text[name] and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker in self.text[name] and process.poll() is None, self.text["stderr"][-3000:]
+
+    def finish(self, process, timeout=240):
+        process.wait(timeout=timeout)
+        for thread in self.threads:
+            thread.join()
+        return self.text["stdout"], self.text["stderr"]
+
+
+@pytest.mark.parametrize("phase", ["tokenizing", "compiling"])
+def test_ctrl_c_before_the_first_step_stops_says_so_and_saves_nothing(tmp_path, phase):
+    from pydoc_data.topics import topics
+
+    corpus = tmp_path / "corpus"  # ~9 MB of English: tokenizing takes seconds
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"part{i:02d}.txt").write_text("\n\n".join(topics[name] for name in sorted(topics)))
+    workdir = str(tmp_path / "run")
+    process = run_train_command(workdir, "--config.data.source=text", f"--config.data.path={corpus}/*.txt",
+                                "--config.data.txt_documents=blank_lines", "--config.train.peak_flops=1e12",
+                                env=dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1"))
+    output = Output(process)
+    if phase == "tokenizing":
+        output.wait_for(process, "stderr", "tokenizing: ")
+    else:
+        output.wait_for(process, "stdout", "workdir  |")  # the plan's last line: next comes the first step's compile
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = output.finish(process)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Stopping at the next safe point" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    if phase == "tokenizing":
+        assert last == (f"Stopped before training: no checkpoint was saved in {workdir}/checkpoints, and an "
+                        f"unfinished token cache resumes; rerun the same command to go on")
+        [cache] = os.listdir(os.path.join(workdir, "data"))
+        with open(os.path.join(workdir, "data", cache, "manifest.json")) as f:
+            manifest = json.load(f)
+        assert not manifest["complete"] and manifest["documents_done"] > 0  # what was tokenized is kept
+    elif "saving step" in last:  # the first step finished before the loop saw the request: it is saved
+        step = int(last.split("saving step ")[1].split()[0])
+        assert checkpoints.make_manager(workdir).all_steps() == [step]
+    else:
+        assert last == (f"Interrupted at step 0: no checkpoint was saved yet in {workdir}/checkpoints; rerun the "
+                        f"same command to resume")
+        assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not os.listdir(
+            os.path.join(workdir, "checkpoints"))
 
 
 def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path):
