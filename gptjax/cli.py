@@ -46,6 +46,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             remaining = flags.FLAGS(argv)
         except flags.Error as e:
             message = " ".join(str(e).split())
+            if "Non-boolean argument to boolean flag" in message:  # absl shows the raw (reason, value) tuple
+                flag = message.split(":", 1)[0].removeprefix("flag ")
+                raise UserError(f"{flag} is not a boolean: use true or false (also 1/0)") from None
             raise UserError(f"{message}; see --help") from None
         if len(remaining) > 1:
             looks_like_config = remaining[1].endswith(".py") and "config" in flags.FLAGS

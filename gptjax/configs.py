@@ -326,7 +326,9 @@ def describe_keys(config: ml_collections.ConfigDict) -> str:
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Runs `get_config()` from an experiment file; a missing file is a UserError that says so."""
     if not os.path.isfile(path):
-        raise UserError(f"config file {path!r} does not exist; pass --config experiments/<name>.py")
+        where = "" if os.path.isabs(path) else f" (a relative path is read from the current directory, {os.getcwd()})"
+        raise UserError(f"config file {path!r} does not exist{where}; pass --config experiments/<name>.py from the "
+                        f"repository's root, or the file's full path")
     spec = importlib.util.spec_from_file_location("_gptjax_experiment", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

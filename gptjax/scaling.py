@@ -140,28 +140,56 @@ def report(flops: float, context: int = 256) -> dict:
                            "predicted_loss": predicted_loss(seed_params, seed_tokens)}}
 
 
+def describe(n: float, flops: bool = False) -> str:
+    """A short count: 820M tokens, 1.2B tokens; FLOPs in SI units: 122M, 5.5G, 1e17 = 100P."""
+    units = (("P", 1e15), ("T", 1e12), ("G", 1e9)) if flops else (("T", 1e12), ("B", 1e9))
+    for unit, size in units + (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+# A predicted loss this close to the optimum's is within the fit's own noise: the surface is flat there.
+FLAT_NATS = 0.05
+
+
 def explain(result: dict) -> str:
     r20, opt = result["rule_20_tokens"], result["fitted_optimum"]
     lines = [f"Budget C = {result['flops']:.3g} FLOPs (C = 6 N D)",
-             f"  20 tokens / parameter:  N = {r20['params'] / 1e6:.1f}M parameters, D = {r20['tokens'] / 1e9:.2f}B "
+             f"  20 tokens / parameter:  N = {describe(r20['params'])} parameters, D = {describe(r20['tokens'])} "
              f"tokens, predicted loss {r20['predicted_loss']:.3f}",
-             f"  fitted L(N, D) optimum: N = {opt['params'] / 1e6:.1f}M parameters, D = {opt['tokens'] / 1e9:.2f}B "
+             f"  fitted L(N, D) optimum: N = {describe(opt['params'])} parameters, D = {describe(opt['tokens'])} "
              f"tokens, predicted loss {opt['predicted_loss']:.3f}",
              "  gptjax shapes near the optimum (exact parameter counts, tokens at 6N + 12LTD FLOPs per token):"]
     for s in result["shapes"]:
         lines.append(f"    n_layer={s['n_layer']:<3} d_model={s['d_model']:<5} n_head={s['n_head']:<3} "
-                     f"d_ff={s['d_ff']:<6} {s['params'] / 1e6:6.1f}M params  {s['tokens_at_budget'] / 1e9:.2f}B "
+                     f"d_ff={s['d_ff']:<6} {describe(s['params']):>6} params  {describe(s['tokens_at_budget'])} "
                      f"tokens  loss {s['predicted_loss']:.3f}")
     seed = result["seed_shape"]
-    lines.append(f"  the seed shape (experiments/m1.py: 8 x 256, 8 heads, d_ff 1024): {seed['params'] / 1e6:.1f}M "
-                 f"params, {seed['tokens'] / 1e9:.2f}B tokens, predicted loss {seed['predicted_loss']:.3f}")
-    lines.append(
-        "  It sits below the optimum in size and above it in tokens, and its predicted loss is within "
-        f"{seed['predicted_loss'] - opt['predicted_loss']:.3f} nats of the best: the loss surface is flat near the "
-        "optimum, so the seed keeps the round, fast 8 x 256 shape. At this size two thirds of N is the tied "
-        "50304 x d_model embedding (and its output matmul two thirds of the compute); gptjax counts 6N + 12LTD "
-        "FLOPs per token (attention included), slightly more than the paper's 6N.")
+    lines.append(f"  the seed shape (experiments/m1.py: 8 x 256, 8 heads, d_ff 1024): {describe(seed['params'])} "
+                 f"params, {describe(seed['tokens'])} tokens, predicted loss {seed['predicted_loss']:.3f}")
+    lines.append("  " + compare_seed(seed, opt))
     return "\n".join(lines)
+
+
+def compare_seed(seed: dict, opt: dict) -> str:
+    """Where the seed shape sits against the fitted optimum, in sentences made from the numbers."""
+    size = seed["params"] / opt["params"]
+    gap = seed["predicted_loss"] - opt["predicted_loss"]
+    def times(x):
+        return f"{x:.0f}x" if x >= 10 else f"{x:.2g}x"
+
+    where = (f"It has {times(size)} the optimum's parameters ({'more' if size > 1 else 'fewer'}) and so "
+             f"{'fewer' if size > 1 else 'more'} tokens ({times(seed['tokens'] / opt['tokens'])})")
+    if gap <= FLAT_NATS:
+        verdict = (f"and its predicted loss is within {gap:.3f} nats of the best: the loss surface is flat near the "
+                   f"optimum, so the round, fast 8 x 256 shape costs almost nothing here")
+    else:
+        verdict = (f"and its predicted loss is {gap:.3f} nats above the best: at this budget the seed shape is far "
+                   f"from compute-optimal, so take a shape from the list above")
+    embedding = 50304 * 256 / seed["params"]
+    return (f"{where}, {verdict}. {embedding:.0%} of its N is the tied 50304 x 256 embedding; gptjax counts 6N + "
+            f"12LTD FLOPs per token (attention included), slightly more than the paper's 6N.")
 
 
 def main(argv=None) -> None:

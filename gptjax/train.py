@@ -33,7 +33,7 @@ from gptjax import train_step as steps_lib
 from gptjax.configs import build_model_config, define_config_flag, validate
 from gptjax.errors import UserError, check_workdir
 from gptjax.model import ModelConfig
-from gptjax.scaling import flops_per_token, param_count, planned_steps
+from gptjax.scaling import describe, flops_per_token, param_count, planned_steps
 from gptjax.tokenizer import load_tokenizer
 
 
@@ -157,15 +157,6 @@ def sample_text(params, model_config: ModelConfig, tokenizer, seed: int, max_new
     tokens = sampling.generate(params, model_config, prompt, jax.random.key(seed), max_new_tokens=max_new_tokens,
                                temperature=0.8, top_k=200, eos_id=tokenizer.eos_token_id)[0]
     return tokenizer.decode(sampling.truncate_at_eos(tokens, tokenizer.eos_token_id))
-
-
-def describe(n: float, flops: bool = False) -> str:
-    """A short count: 820M tokens, 1.2B tokens; FLOPs in SI units: 122M, 5.5G, 1e17 = 100P."""
-    units = (("P", 1e15), ("T", 1e12), ("G", 1e9)) if flops else (("T", 1e12), ("B", 1e9))
-    for unit, size in units + (("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:.3g}"
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -450,8 +441,9 @@ def report(run: Run, state, metrics: dict, step: int, speed: "Speedometer", eval
                                   train.batch_size // train.grad_accum_steps, train.eval_steps, run.mesh))
         if run.is_chief and jax.process_count() == 1:
             text = sample_text(state.params, run.model_config, run.tokenizer, train.seed + step)
+            shown = repr(text) if text else "'' (the model ended the text at once: end-of-text was its first token)"
             bar.write(f"step {step}: eval loss {last['eval_loss']:.4f} (perplexity {last['eval_perplexity']:.1f}) | "
-                      f"sample: {text!r}")
+                      f"sample: {shown}")
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tokens_per_second:,.0f}",
                     mfu=hardware.format_mfu(last["mfu"]))
     return last

@@ -56,7 +56,11 @@ COMMAND_LINE_CASES = [
     ("gptjax.train", ["--config.data.path=my_corpus.txt"],
      "data.path='my_corpus.txt' is set but data.source='python_docs' does not read it; add "
      "--config.data.source=text"),
-    ("gptjax.configs", ["--config", "experiments/nope.py"], "config file 'experiments/nope.py' does not exist"),
+    ("gptjax.configs", ["--config", "experiments/nope.py"], f"config file 'experiments/nope.py' does not exist (a "
+                                                            f"relative path is read from the current directory, "
+                                                            f"{REPO_ROOT})"),
+    ("gptjax.train", ["--config.model.scan_layers=yes"],
+     "--config.model.scan_layers=yes is not a boolean: use true or false"),
     ("gptjax.plot", ["--workdir=/no/such/run"], "--workdir '/no/such/run' does not exist"),
     ("gptjax.convert", ["--hf=/no/such/dir", "--workdir=/tmp/unused"], "--hf '/no/such/dir' is not a directory"),
 ]

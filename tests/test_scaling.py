@@ -81,3 +81,18 @@ def test_flops_follow_the_trained_sequence_length_not_the_context(tmp_path):
     result = train_and_evaluate(config, str(tmp_path), progress=False)
     cfg = build_model_config(config.model)
     assert result["mfu"] == pytest.approx(result["tokens_per_second"] * flops_per_token(cfg, 8) / 1e12)
+
+
+@pytest.mark.parametrize("flops, sentence", [
+    (1e12, "It has 122x the optimum's parameters (more) and so fewer tokens (0.0078x), and its predicted loss is "
+           "18.862 nats above the best: at this budget the seed shape is far from compute-optimal"),
+    (1e17, "It has 0.67x the optimum's parameters (fewer) and so more tokens (1.4x), and its predicted loss is within "
+           "0.039 nats of the best: the loss surface is flat near the optimum"),
+    (1e21, "It has 0.011x the optimum's parameters (fewer) and so more tokens (90x), and its predicted loss is 0.818 "
+           "nats above the best"),
+])
+def test_the_seed_comparison_is_made_from_the_numbers(flops, sentence, capsys):
+    scaling.main(["--flops", str(flops)])
+    out = capsys.readouterr().out
+    assert sentence in out and "0.00B" not in out
+    assert scaling.describe(8230) == "8.23k" and scaling.describe(8.23e12) == "8.23T"
