@@ -1,11 +1,12 @@
 """The benchmark suite runs end to end (speed itself is measured, never asserted: see benchmarks/)."""
 
 import json
+import os
 
 import pytest
 
 from gptjax.configs import load_config_file
-from tests.test_train import run_module
+from tests.test_train import REPO_ROOT, run_module
 
 
 def test_benchmark_suite_reports_ratios_against_the_measured_peak():
@@ -35,7 +36,7 @@ def test_benchmark_overrides_are_checked_before_anything_runs():
 def test_layers_benchmark_measures_every_layout_with_every_kernel_and_loss():
     from benchmarks import layers
 
-    report = layers.main(["--config", "experiments/tiny.py", "--n_layer", "2", "--batch_size", "2", "--steps", "1",
+    report = layers.main(["--config", os.path.join(REPO_ROOT, "experiments/tiny.py"), "--n_layer", "2", "--batch_size", "2", "--steps", "1",
                           "--layouts", "unrolled:none,unrolled:full", "--attention", "xla,chunked",
                           "--loss_chunk_tokens", "0,64"])
     measured = [(r["attention"], r["loss_chunk_tokens"], r["layout"]) for r in report["layouts"]]
@@ -50,7 +51,7 @@ def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():
     from benchmarks.run import head_to_head, make_train_step
 
     # More new tokens than tiny's context: gptjax slides its window, the reference is held to its context.
-    report = head_to_head(make_train_step(load_config_file("experiments/tiny.py"), batch_size=4, accum=1), rounds=1,
+    report = head_to_head(make_train_step(load_config_file(os.path.join(REPO_ROOT, "experiments/tiny.py")), batch_size=4, accum=1), rounds=1,
                           new_tokens=100)
     assert report["torch_train_tokens_per_second"] > 0
     assert report["train_speed_vs_torch"] == pytest.approx(

@@ -1,13 +1,16 @@
+import os
 
 import pytest
 
 from gptjax.configs import base_config, build_model_config, check_command_line, check_key, load_config_file
 from gptjax.errors import UserError
+from tests.conftest import REPO_ROOT
 
+TINY = os.path.join(REPO_ROOT, "experiments/tiny.py")
 
 
 def test_every_base_key_has_a_comment():
-    with open("gptjax/configs.py", encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, "gptjax/configs.py"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     for i, line in enumerate(lines):
         stripped = line.strip()
@@ -17,7 +20,7 @@ def test_every_base_key_has_a_comment():
 
 def test_experiments_load_and_build_models():
     for name in ("m1", "tiny"):
-        config = load_config_file(f"experiments/{name}.py")
+        config = load_config_file(os.path.join(REPO_ROOT, f"experiments/{name}.py"))
         build_model_config(config.model)
         assert config.data.seq_len == config.model.max_len
 
@@ -35,10 +38,10 @@ def test_unknown_key_is_a_clear_error():
     with pytest.raises(UserError, match="unknown config key 'train.stepz': train has no 'stepz'"):
         check_key(config, "train.stepz")
     with pytest.raises(UserError, match="config file 'experiments/nope.py' does not exist"):
-        check_command_line(["--config", "experiments/nope.py"], default_config="experiments/tiny.py")
+        check_command_line(["--config", "experiments/nope.py"], default_config=TINY)
 
 
 def test_command_line_checks_run_before_absl():
-    check_command_line(["--config=experiments/m1.py", "--config.train.batch_size=8"], "experiments/tiny.py")
+    check_command_line([f"--config={REPO_ROOT}/experiments/m1.py", "--config.train.batch_size=8"], TINY)
     with pytest.raises(UserError, match="'model.n_layers'"):
-        check_command_line(["--config.model.n_layers=3"], "experiments/tiny.py")
+        check_command_line(["--config.model.n_layers=3"], TINY)

@@ -1,3 +1,5 @@
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from gptjax.configs import build_model_config, load_config_file
 from gptjax.errors import UserError
 from gptjax.model import GPT, count_params, sinusoidal_positions
 from gptjax.scaling import flops_per_token, param_count
+from tests.conftest import REPO_ROOT
 
 VARIATIONS = [
     dict(),  # the seed: sinusoidal, ReLU, biases, tied
@@ -136,7 +139,7 @@ def test_cudnn_attention_falls_back_to_xla_with_one_note_where_cudnn_cannot_run(
 
 
 def test_m1_is_about_20m_parameters_and_flops_follow():
-    config = load_config_file("experiments/m1.py")
+    config = load_config_file(os.path.join(REPO_ROOT, "experiments/m1.py"))
     cfg = build_model_config(config.model)
     n = param_count(cfg)
     assert 18e6 <= n <= 22e6

@@ -1,8 +1,10 @@
 import math
+import os
 
 import pytest
 
 from gptjax import scaling
+from tests.conftest import REPO_ROOT
 
 
 def test_twenty_tokens_rule_by_hand():
@@ -50,14 +52,14 @@ def test_projected_hours_of_an_experiment_by_hand(capsys):
     from gptjax.configs import build_model_config, load_config_file
     from gptjax.scaling import flops_per_token
 
-    config = load_config_file("experiments/m1.py")
+    config = load_config_file(os.path.join(REPO_ROOT, "experiments/m1.py"))
     result = scaling.projection(config, device_flops=10.4e12, mfu=0.3)
     per_token = flops_per_token(build_model_config(config.model))
     assert result["steps"] == int(1e17 // (per_token * 128 * 256))  # steps derived from the 1e17 budget
     assert result["flops"] == pytest.approx(1e17, rel=1e-4)
     assert result["hours"] == pytest.approx(1e17 / (10.4e12 * 0.3) / 3600, rel=1e-4)  # 8.9 hours, not 3
     assert 40 < result["tokens_per_parameter"] < 45
-    scaling.main(["--config", "experiments/m1.py", "--device_flops", "10.4e12", "--mfu", "0.3"])
+    scaling.main(["--config", os.path.join(REPO_ROOT, "experiments/m1.py"), "--device_flops", "10.4e12", "--mfu", "0.3"])
     assert "at 30% MFU of 10.4 TFLOP/s: 26k tokens/s, 8.9 hours" in capsys.readouterr().out
 
 
@@ -68,7 +70,7 @@ def test_flops_follow_the_trained_sequence_length_not_the_context(tmp_path):
     from tests.test_train import small_config
 
     # Steps from a budget: m1 trained on 128-token windows of its 256-token context.
-    config = load_config_file("experiments/m1.py")
+    config = load_config_file(os.path.join(REPO_ROOT, "experiments/m1.py"))
     config.data.seq_len = 128
     cfg = build_model_config(config.model)
     per_token = 6 * matmul_param_count(cfg) + 12 * 8 * 128 * 256
