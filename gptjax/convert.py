@@ -136,8 +136,9 @@ def convert(hf_dir: str, workdir: str, scan_layers: bool = False) -> dict:
 
 
 # What a gptjax model must be for GPT-2 (and so Hugging Face's GPT2LMHeadModel) to express it.
-GPT2_LAYOUT = {"pos_embedding": "learned", "activation": ("gelu", "gelu_exact"), "use_bias": True,
-               "tie_embeddings": True}
+# key -> the values GPT-2 has for it.
+GPT2_LAYOUT = {"pos_embedding": ("learned",), "activation": ("gelu", "gelu_exact"), "use_bias": (True,),
+               "tie_embeddings": (True,)}
 
 
 def hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -166,8 +167,8 @@ def export_to_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
         raise UserError(f"--to_hf {hf_dir!r} exists and is not an empty directory; pass a new directory")
     params, cfg, meta = checkpoints.load_for_inference(workdir, step)
-    other = [f"model.{key}={getattr(cfg, key)!r}" for key, value in GPT2_LAYOUT.items()
-             if getattr(cfg, key) not in (value if isinstance(value, tuple) else (value,))]
+    other = [f"model.{key}={getattr(cfg, key)!r}" for key, values in GPT2_LAYOUT.items()
+             if getattr(cfg, key) not in values]
     if other:
         raise UserError(f"GPT-2 cannot express this model ({', '.join(other)}); only runs with learned positions, "
                         f"GELU, biases and a tied output layer export to Hugging Face")

@@ -367,8 +367,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
         for split, chunks in buffers.items():
             if chunks:
                 tokens = np.concatenate(chunks)
-                if tokens.max() > np.iinfo(dtype).max:  # never wrap an id around silently
-                    raise UserError(f"tokenizer {data.tokenizer!r} gave the id {int(tokens.max())}, which does not "
+                largest = int(tokens.max())
+                if largest > np.iinfo(dtype).max:  # never wrap an id around silently
+                    raise UserError(f"tokenizer {data.tokenizer!r} gave the id {largest}, which does not "
                                     f"fit the token cache's {dtype}; use a tokenizer whose ids are below its size")
                 tokens = tokens.astype(dtype)
                 name = f"{split}_{len(manifest['splits'][split]):05d}.bin"
