@@ -10,10 +10,13 @@ skipped with a warning; any other failure to read one (permission denied, out of
 moves nothing (`is_damage`).
 """
 
+import asyncio
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -114,6 +117,7 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
     With `opt_state_target=None` only params and meta are read, never the optimizer state; opt_state is None too
     for a checkpoint of parameters alone (meta["params_only"], a converted model).
     """
+    drop_late_read_errors()
     steps = usable_steps(manager)
     if step is not None:
         if step not in steps:
@@ -124,7 +128,8 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
             meta = read_meta(manager, candidate)
         except Exception as e:
             check_is_damage(e, candidate, workdir)
-            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} is unreadable ({describe_error(e)}); "
+            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} is unreadable "
+                 f"({describe_error(damage_in(e))}); "
                  f"trying an older one")
             continue
         check_compatible(meta, model_config, workdir)
@@ -135,7 +140,8 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
             restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         except Exception as e:
             check_is_damage(e, candidate, workdir)
-            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} could not be restored ({describe_error(e)}); "
+            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} could not be restored "
+                 f"({describe_error(damage_in(e))}); "
                  f"trying an older one")
             continue
         return restored["params"], restored.get("opt_state"), meta
@@ -149,19 +155,30 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
 DAMAGE_STATUSES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE")
 
 
-def is_damage(error: BaseException) -> bool:
+def is_damage(error: BaseException | None) -> bool:
     """Whether a restore failed because the checkpoint's files are incomplete or unreadable as data (missing,
     truncated, bad JSON or array bytes), the only failures that make an older checkpoint the right one to use.
     Anything else (permission denied, out of memory, a shape or dtype error, a bug) is not the checkpoint's fault."""
+    return damage_in(error) is not None
+
+
+def damage_in(error: BaseException | None) -> BaseException | None:
+    """The error in `error`'s chain of causes that says the files are damaged (what a warning should quote), or None."""
+    chain = error_chain(error)
+    if any(isinstance(e, (PermissionError, MemoryError)) for e in chain):
+        return None
+    return next((e for e in reversed(chain)
+                 if isinstance(e, (json.JSONDecodeError, FileNotFoundError, EOFError, UnicodeDecodeError))
+                 or (isinstance(e, KeyError) and "not found in the checkpoint" in str(e))
+                 or (type(e) is ValueError and str(e).startswith(DAMAGE_STATUSES))), None)
+
+
+def error_chain(error: BaseException | None) -> list[BaseException]:
     chain = []
     while error is not None and error not in chain:
         chain.append(error)
         error = error.__cause__ or error.__context__
-    if any(isinstance(e, (PermissionError, MemoryError)) for e in chain):
-        return False
-    return any(isinstance(e, (json.JSONDecodeError, FileNotFoundError, EOFError, UnicodeDecodeError))
-               or (isinstance(e, KeyError) and "not found in the checkpoint" in str(e))
-               or (type(e) is ValueError and str(e).startswith(DAMAGE_STATUSES)) for e in chain)
+    return chain
 
 
 def check_is_damage(error: Exception, step: int, workdir: str) -> None:
@@ -170,6 +187,36 @@ def check_is_damage(error: Exception, step: int, workdir: str) -> None:
         raise UserError(f"checkpoint {step} in {checkpoint_dir(workdir)} could not be read ({describe_error(error)}), "
                         f"which does not look like damage, so it was left in place; fix the cause and rerun (move "
                         f"it away yourself to resume from an older one)") from None
+
+
+def drop_late_read_errors() -> None:
+    """Keeps a damaged checkpoint's report to gptjax's one warning line. When one array fails to read, Orbax stops
+    while tensorstore is still reading the others, and each of those reads reports its own end as the process goes
+    on: unraisable tracebacks ('Event loop is closed', the same damage again), asyncio's log of those failures
+    ('exception was never retrieved', 'unhandled exception during asyncio.run() shutdown') and Python's warning
+    about reads never started ('coroutine ... was never awaited'), ~100 lines in all, some before the restore has
+    even raised. So, from the first restore on, those (and nothing else) are dropped."""
+    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
+    if sys.unraisablehook is not _drop_late_reads:
+        _drop_late_reads.previous = sys.unraisablehook
+        sys.unraisablehook = _drop_late_reads
+    logging.getLogger("asyncio").addFilter(_not_a_late_read)  # adding twice keeps one
+
+
+def _is_late_read(error: BaseException | None) -> bool:
+    """A read that failed on the damage, found Orbax's event loop closed, or was cut off when Orbax gave up."""
+    cut_off = any((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
+                  or isinstance(e, (GeneratorExit, asyncio.CancelledError)) for e in error_chain(error))
+    return cut_off or is_damage(error)
+
+
+def _drop_late_reads(report) -> None:
+    if not _is_late_read(report.exc_value):
+        _drop_late_reads.previous(report)
+
+
+def _not_a_late_read(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _is_late_read(record.exc_info[1]))
 
 
 def describe_error(error: BaseException) -> str:

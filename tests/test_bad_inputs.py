@@ -3,6 +3,8 @@ stderr that names the problem and the fix, exits with status 2, and leaves the u
 
 import os
 import socket
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -181,6 +183,28 @@ def test_an_offline_tfds_download_fails_fast_and_leaves_nothing_behind(tmp_path,
                                         r"downloaded: 127.0.0.1 is unreachable"):
         input_pipeline.prepare(config, str(tmp_path / "work"), progress=False)
     assert not (tmp_path / "tfds").exists()
+
+
+def test_an_offline_hub_dataset_fails_at_once_in_one_line(tmp_path):
+    """Offline (the Hub refused, as on a machine without network), a Hub dataset that is not in the cache fails in one
+    line without Hugging Face's retries, in a fresh process as a user meets it (huggingface_hub reads its offline
+    switch when it is imported)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    script = (f"from gptjax import input_pipeline, cli\n"
+              f"from gptjax.configs import base_config\n"
+              f"input_pipeline.HF_HOST = ('127.0.0.1', {closed_port})\n"
+              f"config = base_config()\n"
+              f"config.data.update(dict(source='hf', name='wikimedia/wikipedia', hf_config='20231101.en'))\n"
+              f"cli.run(lambda: next(iter(input_pipeline.hf_documents(config.data))))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT, HF_HOME=str(tmp_path / "hf")))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: Hugging Face dataset 'wikimedia/wikipedia' is not in the local cache and 127.0.0.1 is unreachable; go "
+        "online once (the first run downloads it) or train on local files (--config.data.source=text "
+        "--config.data.path=...)"]
 
 
 def test_mfu_above_one_says_the_peak_was_measured_low():

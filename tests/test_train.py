@@ -335,6 +335,22 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_truncated_checkpoint_is_reported_in_one_line(tmp_path):
+    """Array files cut short (a disk filled mid-copy): the command says so in one warning and uses the older
+    checkpoint, without the tracebacks of the reads still in flight when the first one failed."""
+    train_and_evaluate(small_config(steps=4, checkpoint_every=2), str(tmp_path), progress=False)
+    arrays = os.path.join(checkpoints.checkpoint_dir(str(tmp_path)), "4", "params", "ocdbt.process_0", "d")
+    for name in os.listdir(arrays):
+        os.truncate(os.path.join(arrays, name), 10)
+    result = run_module("gptjax.sample", "--workdir", str(tmp_path), "--max_new_tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 2, result.stderr
+    warning, header = result.stderr.strip().splitlines()
+    assert warning.startswith(f"warning: checkpoint 4 in {tmp_path}/checkpoints could not be restored (ValueError: "
+                              f"OUT_OF_RANGE: ") and warning.endswith("; trying an older one")
+    assert header == f"[step 2 of {tmp_path}]"
+
+
 @contextlib.contextmanager
 def without_root():
     """Root reads every file whatever its mode, so where the tests run as root (CI) the process takes nobody's user
