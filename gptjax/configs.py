@@ -145,7 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
     train.sharding = "replicated"
     # Clip gradients to this global norm (0 disables clipping).
     train.grad_clip = 1.0
-    # Print and log metrics every this many steps.
+    # Record a jax.profiler trace of steps FIRST:LAST (e.g. '20:25', after compilation) in <workdir>/profile, for
+    # TensorBoard's profile plugin or Perfetto (ui.perfetto.dev); '' records none.
+    train.profile_steps = ""
+    # Print and log metrics every this many steps (the training loss logged is the mean over those steps).
     train.log_every = 10
     # Evaluate on held-out data every this many steps (0 disables).
     train.eval_every = 200
@@ -159,8 +162,14 @@ def base_config() -> ml_collections.ConfigDict:
     train.decay_embeddings = True
     # Save checkpoints in the background while training continues.
     train.async_checkpoints = True
-    # Peak FLOP/s of one device for MFU; 0 = datasheet value for known devices, else a measured matmul.
+    # Peak FLOP/s of one device for MFU; 0 = datasheet value for known devices, else a measured matmul (measured once
+    # per machine, JAX version and dtype, and kept in ~/.cache/gptjax/peak_flops.json).
     train.peak_flops = 0.0
+    # Measure the matmul peak again instead of using the kept one (after a hardware or driver change).
+    train.remeasure_peak = False
+    # Keep compiled programs in ~/.cache/gptjax/jax (JAX's persistent compilation cache), so a rerun or a resume
+    # does not compile them again; sample and evaluate use it too.
+    train.compilation_cache = True
     # JAX platform: '' lets JAX choose (GPU > CPU); 'cpu', 'gpu', 'tpu' or 'METAL' force one.
     train.platform = ""
     # Multi-process runs: the coordinator's host:port ('' = single process), process count and this process's id.
@@ -233,6 +242,17 @@ def check_value(key: str, value) -> None:
         raise UserError(f"{key}={value!r} is not one of {CHOICES[key]}")
 
 
+def profile_steps(value: str) -> tuple[int, int] | None:
+    """train.profile_steps 'FIRST:LAST' as (FIRST, LAST), or None for ''."""
+    if not value:
+        return None
+    first, _, last = str(value).partition(":")
+    if not (first.strip().isdigit() and last.strip().isdigit() and 1 <= int(first) <= int(last)):
+        raise UserError(f"train.profile_steps={value!r} is not FIRST:LAST with 1 <= FIRST <= LAST (e.g. '20:25'); "
+                        f"'' records no trace")
+    return int(first), int(last)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises a UserError naming the first key whose value is out of its allowed range (or of the wrong type)."""
     for key in (*NUMERIC_RANGES, *CHOICES):
@@ -250,6 +270,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         "train.sharding='fsdp' the step would hold as much memory as replicated; use "
                         "train.parallelism='auto' or 'jit' (XLA then gathers each parameter where it is used and "
                         "reduce-scatters its gradient)")
+    profile_steps(train.profile_steps)
     if data.seq_len > config.model.max_len:
         raise UserError(f"data.seq_len={data.seq_len} is longer than the context model.max_len="
                         f"{config.model.max_len}; lower data.seq_len or raise model.max_len")

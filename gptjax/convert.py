@@ -22,7 +22,7 @@ from gptjax import checkpoints, cli
 from gptjax.configs import base_config, build_model_config
 from gptjax.errors import UserError, check_workdir
 from gptjax.model import ModelConfig, count_params, init_params, stack_blocks, unstack_blocks
-from gptjax.tokenizer import END_OF_TEXT_ID
+from gptjax.tokenizer import END_OF_TEXT_ID, load_tokenizer
 
 
 # Hugging Face's activation_function names -> gptjax's model.activation.
@@ -161,7 +161,9 @@ def hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def export_to_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
-    """Writes the run's checkpoint as config.json + model.safetensors for GPT2LMHeadModel.from_pretrained."""
+    """Writes the run's checkpoint as config.json + model.safetensors for GPT2LMHeadModel.from_pretrained, with the
+    run's tokenizer files beside them, so AutoTokenizer.from_pretrained(hf_dir) and pipeline("text-generation",
+    model=hf_dir) load it offline."""
     from safetensors.numpy import save_file
 
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
@@ -184,6 +186,7 @@ def export_to_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
               metadata={"format": "pt"})
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1)
+    load_tokenizer(meta["config"]["data"]["tokenizer"]).save_pretrained(hf_dir)
     return {"hf_dir": os.path.abspath(hf_dir), "step": meta["step"], "params": count_params(params)}
 
 

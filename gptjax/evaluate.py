@@ -23,7 +23,7 @@ from absl import flags
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
-from gptjax import cli, input_pipeline
+from gptjax import cli, hardware, input_pipeline
 from gptjax.model import GPT, ModelConfig
 from gptjax import train_step as steps_lib
 from gptjax.checkpoints import load_for_inference
@@ -154,6 +154,7 @@ def main():
     cli.require(FLAGS.batch_size is None or FLAGS.batch_size >= 1, f"--batch_size={FLAGS.batch_size} must be >= 1")
     cli.require(FLAGS.max_batches is None or FLAGS.max_batches >= 0,
                 f"--max_batches={FLAGS.max_batches} must be >= 0 (0 = the whole split)")
+    hardware.use_compilation_cache()
     params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
     config = ml_collections.ConfigDict(meta["config"])
     if FLAGS.lambada:

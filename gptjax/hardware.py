@@ -6,6 +6,9 @@ what this machine does on dense math, so MFU there reads as "fraction of what th
 datasheet.
 """
 
+import json
+import os
+import platform
 import time
 
 import jax
@@ -77,15 +80,62 @@ def alternated(functions: dict, rounds: int) -> dict:
     return best
 
 
-def peak_flops_per_device(dtype_name: str, configured: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from)."""
+def peak_flops_per_device(dtype_name: str, configured: float = 0.0, remeasure: bool = False) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from). A measured peak is kept per machine, JAX version and
+    dtype in the user's cache directory, so only the first run on a machine spends seconds measuring it;
+    `remeasure` measures again (after a hardware or driver change) and keeps the new number."""
     if configured > 0:
         return configured, "train.peak_flops"
     kind = jax.local_devices()[0].device_kind
     if kind in KNOWN_PEAK_FLOPS:
         return KNOWN_PEAK_FLOPS[kind][dtype_name == "bfloat16"], f"datasheet for {kind}"
+    path = os.path.join(cache_dir(), "peak_flops.json")
+    key = f"{processor_name()} | {kind} | jax {jax.__version__} | {dtype_name}"
+    kept = read_json(path)
+    if key in kept and not remeasure:
+        return kept[key], f"measured matmul on {kind}, kept in {path}; train.remeasure_peak=true measures again"
     dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
-    return measure_matmul_flops(dtype=dtype), f"best measured matmul on {kind}"
+    peak = measure_matmul_flops(dtype=dtype)
+    write_json_atomically(path, {**kept, key: peak})
+    return peak, f"best measured matmul on {kind}"
+
+
+def cache_dir() -> str:
+    """gptjax's directory in the user's cache ($XDG_CACHE_HOME or ~/.cache): measured peaks, compiled programs."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptjax")
+
+
+def processor_name() -> str:
+    """The CPU's model name (what a measured peak belongs to), or the machine type where the OS does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            return f"{names[0]} x{len(names)}"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):  # none yet, unreadable or damaged: measured again and rewritten
+        return {}
+
+
+def write_json_atomically(path: str, value: dict) -> None:
+    """Best effort: an unwritable cache directory only means measuring again next time."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w") as f:
+            json.dump(value, f, indent=1)
+        os.replace(temporary, path)
+    except OSError:
+        pass
 
 
 def format_mfu(mfu: float) -> str:
@@ -99,6 +149,19 @@ def select_platform(platform: str) -> None:
     """Makes JAX use `platform` ('cpu', 'gpu', 'tpu', 'METAL'); '' keeps JAX's choice. Call before any JAX work."""
     if platform:
         jax.config.update("jax_platforms", platform)
+
+
+def use_compilation_cache(enabled: bool = True) -> None:
+    """JAX's persistent compilation cache in <cache_dir()>/jax: a rerun, a resume or a second `sample` loads its
+    compiled programs from disk instead of compiling them again. Call after JAX's backend may be initialized (after
+    jax.distributed.initialize). Kept off on Metal, where jax-metal was never tested with it; a cache directory set
+    by the user (JAX_COMPILATION_CACHE_DIR) wins."""
+    if not enabled or jax.default_backend().lower() == "metal" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "jax"))
+    # JAX keeps only compilations of over a second by default; sampling's and evaluation's take less, and are what
+    # a user waits for again at every call.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def supports_donation() -> bool:

@@ -10,7 +10,7 @@ import sys
 import jax
 from absl import flags
 
-from gptjax import cli, sampling
+from gptjax import cli, hardware, sampling
 from gptjax.checkpoints import load_for_inference
 from gptjax.errors import UserError
 from gptjax.tokenizer import load_tokenizer
@@ -58,6 +58,7 @@ def read_prompt() -> str:
 
 
 def main():
+    hardware.use_compilation_cache()
     params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
     check_options(model_config.vocab_size)
     tokenizer = load_tokenizer(meta["tokenizer"])

@@ -30,9 +30,10 @@ from tqdm import tqdm
 from gptjax import checkpoints, cli, hardware, input_pipeline, interrupts, kernels, sampling
 from gptjax.evaluate import evaluate_loss
 from gptjax import train_step as steps_lib
-from gptjax.configs import build_model_config, define_config_flag, validate
+from gptjax.configs import build_model_config, define_config_flag, profile_steps, validate
 from gptjax.errors import UserError, check_workdir
 from gptjax.model import ModelConfig
+from gptjax.profiling import Trace
 from gptjax.scaling import describe, flops_per_token, param_count, planned_steps
 from gptjax.tokenizer import load_tokenizer
 
@@ -233,8 +234,10 @@ class Run:
 
     @functools.cached_property
     def peak(self) -> tuple[float, str]:
-        """(peak FLOP/s of one device, where it comes from), for MFU; measured on first use if no datasheet has it."""
-        return hardware.peak_flops_per_device(self.model_config.dtype, self.config.train.peak_flops)
+        """(peak FLOP/s of one device, where it comes from), for MFU; measured once per machine (then kept) if no
+        datasheet has it."""
+        train = self.config.train
+        return hardware.peak_flops_per_device(self.model_config.dtype, train.peak_flops, train.remeasure_peak)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
@@ -272,6 +275,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train, data = config.train, config.data
     hardware.select_platform(train.platform)
     maybe_initialize_distributed(train)
+    hardware.use_compilation_cache(train.compilation_cache)
     interrupts.reassert()
     model_config = build_model_config(config.model)
     tokenizer = load_tokenizer(data.tokenizer)
@@ -387,18 +391,25 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not (progress and run.is_chief), unit="step",
                dynamic_ncols=True)
     speed, step = Speedometer(train.batch_size * data.seq_len), start_step
+    losses = []  # since the last log line, left on the device until then: the logged loss is their mean
+    trace = Trace(profile_steps(train.profile_steps) if run.is_chief else None, os.path.join(run.workdir, "profile"))
     try:
         while step < end_step:
             if stop_agreed(interrupts.requested()):
                 raise KeyboardInterrupt
             batch_AxBxT1 = steps_lib.global_batch(next(batches).reshape(local_shape), run.mesh,
                                                   PartitionSpec(None, "data"))
-            state, metrics = step_fn(state, batch_AxBxT1)
+            trace.before(step + 1)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                state, metrics = step_fn(state, batch_AxBxT1)
             step += 1
+            trace.after(step, metrics)
+            losses.append(metrics["loss"])
             speed.started(step, metrics)
             log_now, eval_now, save_now = periodic_work(train, step, end_step, run.evaluate)
             if log_now or eval_now or save_now:
-                last = report(run, state, metrics, step, speed, eval_fn, eval_now, bar)
+                last = report(run, state, metrics, losses, step, speed, eval_fn, eval_now, bar)
+                losses = []
                 log.write(step, last)
                 if save_now:
                     save(run, state, step, last)
@@ -410,6 +421,7 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
                           run.workdir, run.is_chief)
         raise RunInterrupted from None
     finally:
+        trace.stop()
         bar.close()
         batches.close()
         run.manager.wait_until_finished()
@@ -423,10 +435,13 @@ def periodic_work(train: ml_collections.ConfigDict, step: int, end_step: int, ev
             step % train.checkpoint_every == 0 or is_last)
 
 
-def report(run: Run, state, metrics: dict, step: int, speed: "Speedometer", eval_fn, evaluate: bool, bar) -> dict:
-    """The metrics of `step` as Python numbers (held-out loss and a sample too, when `evaluate`); refuses a NaN."""
+def report(run: Run, state, metrics: dict, losses: list, step: int, speed: "Speedometer", eval_fn,
+           evaluate: bool, bar) -> dict:
+    """The metrics of `step` as Python numbers (held-out loss and a sample too, when `evaluate`); refuses a NaN.
+    The training loss is the mean of `losses`, the steps' losses since the last report (as MaxText and Levanter log
+    it): one step's loss swings with its batch."""
     train, data = run.config.train, run.config.data
-    loss = float(metrics["loss"])  # waits for the step: the clock reads after it
+    loss = float(np.mean(jax.device_get(losses)))  # waits for the step: the clock reads after it
     tokens_per_second = speed.tokens_per_second(step)
     if not (math.isfinite(loss) and bool(metrics["update_is_finite"])):
         raise UserError(f"the loss or parameters became NaN/inf at step {step} (loss {loss}); stopped without saving, "

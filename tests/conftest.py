@@ -2,11 +2,16 @@
 
 import os
 import sys
+import tempfile
 
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+# gptjax keeps measured peaks (and compiled programs) in the user's cache directory: the tests get their own, shared
+# by every test and subprocess of the session, so they neither read nor change the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptjax-test-cache-")
 
 import jax  # noqa: E402
 

@@ -1,6 +1,7 @@
 """The bad-input catalogue: every command, given a mistake a user makes, ends in exactly one `error: ...` line on
 stderr that names the problem and the fix, exits with status 2, and leaves the user's files as they were."""
 
+import json
 import os
 import socket
 import subprocess
@@ -213,6 +214,21 @@ def test_mfu_above_one_says_the_peak_was_measured_low():
     best = hardware.peak_from_seconds({100: 2e-3, 200: 1e-3})
     assert best == 2 * 200**3 / 1e-3  # the best size wins
     assert hardware.measure_matmul_flops(sizes=(64, 128), repeats=2) > 0
+
+
+def test_a_measured_peak_is_kept_per_machine_and_measured_again_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    measured, source = hardware.peak_flops_per_device("float32")
+    assert measured > 0 and source == "best measured matmul on cpu"
+    path = tmp_path / "gptjax" / "peak_flops.json"
+    (key, value), = json.loads(path.read_text()).items()
+    assert value == measured and key.endswith(f"| cpu | jax {jax.__version__} | float32")
+    path.write_text(json.dumps({key: 1.5e9}))  # a number no measurement gives: proves the kept one is read
+    assert hardware.peak_flops_per_device("float32") == (1.5e9, f"measured matmul on cpu, kept in {path}; "
+                                                                 f"train.remeasure_peak=true measures again")
+    assert hardware.peak_flops_per_device("float32", configured=2e12) == (2e12, "train.peak_flops")
+    again, _ = hardware.peak_flops_per_device("float32", remeasure=True)
+    assert again != 1.5e9 and json.loads(path.read_text()) == {key: again}
 
 
 def test_the_train_step_uses_no_deprecated_optax_spelling():

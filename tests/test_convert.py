@@ -15,6 +15,7 @@ from gptjax.checkpoints import load_for_inference
 from gptjax.convert import convert
 from gptjax.errors import UserError
 from gptjax.model import GPT
+from gptjax.tokenizer import load_tokenizer
 from tests.test_train import read_metrics, run_module, small_config
 
 torch = pytest.importorskip("torch", reason="PyTorch is a test-only dependency: pip install -e .[test]")
@@ -139,6 +140,16 @@ def test_export_to_hugging_face_round_trips_with_equal_logits(hf_gpt2, tmp_path)
     tokens = torch.tensor(np.random.default_rng(1).integers(0, 50257, size=(2, 32)))
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=1e-5)
+    # The tokenizer travels with the weights: Hugging Face's own loaders take the directory as it is.
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    prompt = "The tokenizer travels with the weights"
+    assert hf_tokenizer(prompt)["input_ids"] == load_tokenizer()(prompt)["input_ids"]
+    generator = transformers.pipeline("text-generation", model=exported)
+    text = generator(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    prompt_ids = torch.tensor([hf_tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        greedy = reloaded.generate(prompt_ids, max_new_tokens=4, do_sample=False, pad_token_id=50256)
+    assert text == hf_tokenizer.decode(greedy[0])
     again = run_module("gptjax.convert", f"--workdir={converted}", f"--to_hf={exported}")
     assert again.returncode == 2 and "exists and is not an empty directory" in again.stderr  # nothing overwritten
 

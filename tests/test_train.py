@@ -1,6 +1,7 @@
 """Training end to end on real text (the Python docs shipped with Python), with a model small enough for CI."""
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -225,6 +226,24 @@ def run_train_command(workdir, *overrides, **popen):
                             **popen)
 
 
+def test_compiled_programs_are_kept_on_disk_unless_turned_off(tmp_path):
+    """train.compilation_cache=false writes nothing; sample keeps its programs, and a second call that loads them
+    samples the same text."""
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    process = run_train_command(str(tmp_path / "run"), "--config.train.steps=2", "--config.train.peak_flops=1e12",
+                                "--config.train.compilation_cache=false", env=env)
+    assert process.wait(timeout=300) == 0, process.communicate()[1][-3000:]
+    programs = tmp_path / "cache" / "gptjax" / "jax"
+    assert not programs.exists()
+    sample = [sys.executable, "-m", "gptjax.sample", f"--workdir={tmp_path / 'run'}", "--max_new_tokens=4"]
+    first = subprocess.run(sample, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    kept = sorted(os.listdir(programs))
+    second = subprocess.run(sample, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == second.returncode == 0 and kept and first.stdout == second.stdout
+    assert sorted(os.listdir(programs)) == kept  # loaded, not compiled and written again
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_a_restorable_checkpoint(tmp_path, signal_number):
     workdir = str(tmp_path)
@@ -319,6 +338,27 @@ def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path):
                         "--config.model.d_model=64", "--config.model.d_ff=64")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in")
+
+
+def test_the_logged_loss_is_the_mean_over_the_log_interval(tmp_path):
+    every_step = str(tmp_path / "every_step")
+    train_and_evaluate(small_config(steps=4, log_every=1, checkpoint_every=100), every_step, progress=False)
+    train_and_evaluate(small_config(steps=4, log_every=2, checkpoint_every=100), str(tmp_path), progress=False)
+    losses = [m["loss"] for m in read_metrics(every_step)]
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == [2, 4]
+    np.testing.assert_allclose([m["loss"] for m in read_metrics(str(tmp_path))],
+                               [np.mean(losses[:2]), np.mean(losses[2:])], rtol=1e-6)
+
+
+def test_profile_steps_writes_a_trace_of_the_train_step(tmp_path, capsys):
+    train_and_evaluate(small_config(steps=4, profile_steps="2:3"), str(tmp_path), progress=False)
+    traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1
+    with open(traces[0], "rb") as f:
+        assert b"train_step" in f.read()  # the compiled step, by name
+    assert f"profile  | steps 2-3 traced in {tmp_path / 'profile'}" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"train.profile_steps='3' is not FIRST:LAST with 1 <= FIRST <= LAST"):
+        train_and_evaluate(small_config(profile_steps="3"), str(tmp_path / "other"), progress=False)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
