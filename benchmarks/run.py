@@ -52,9 +52,9 @@ def make_train_step(config, batch_size: int, accum: int):
     return cfg, state, step, batch
 
 
-def train_speed(train_setup, repeats: int, matmul_sizes=(1024, 2048, 3072)) -> dict:
+def train_speed(train_setup, repeats: int, matmul_sizes=(1024, 2048, 3072), loss_chunk: int = 0) -> dict:
     """Training and evaluation speed of `make_train_step`'s (cfg, state, step, batch), and the matmul peak, timed
-    taking turns with the training step; MFU is the ratio of the two."""
+    taking turns with the training step; MFU is the ratio of the two. Evaluation uses `loss_chunk` as training does."""
     cfg, state, step, batch = train_setup
     accum, micro_batch, T = batch.shape[0], batch.shape[1], batch.shape[2] - 1
     matmuls = hardware.matmul_timers(cfg.compute_dtype, matmul_sizes)
@@ -63,7 +63,8 @@ def train_speed(train_setup, repeats: int, matmul_sizes=(1024, 2048, 3072)) -> d
     peak = hardware.peak_from_seconds(best) * jax.device_count()
     tokens = accum * micro_batch * T
     mesh = steps_lib.data_mesh()
-    eval_step = steps_lib.make_eval_step(cfg, mesh, steps_lib.replicated_sharding(state.params, mesh))
+    eval_step = steps_lib.make_eval_step(cfg, mesh, steps_lib.replicated_sharding(state.params, mesh),
+                                         loss_chunk=loss_chunk)
     eval_batch = batch[0]
     eval_seconds = timed(lambda: eval_step(state.params, eval_batch, jnp.ones((eval_batch.shape[0],))), repeats)
     model_flops_per_second = tokens * flops_per_token(cfg, T) / seconds
@@ -179,7 +180,8 @@ def run(config, args) -> None:
                "config": args.config, "attention": kernels.attention_kernel(config.model.attention),
                "loss_chunk_tokens": kernels.loss_chunk_tokens(config.train.loss_chunk_tokens)}
     train_setup = make_train_step(config, batch_size, accum)  # compiled once, timed by both measurements
-    results.update(train_speed(train_setup, args.repeats, (1024, 2048, 3072) if on_cpu else (4096, 8192)))
+    results.update(train_speed(train_setup, args.repeats, (1024, 2048, 3072) if on_cpu else (4096, 8192),
+                               kernels.eval_loss_chunk_tokens(config.train.loss_chunk_tokens)))
     if not args.quick and on_cpu:  # the reference is PyTorch's CPU build; it runs before TF's pipelines are used
         results.update(head_to_head(train_setup, rounds=max(4, args.repeats)))
     results.update(sampling_bench.run(args.config))

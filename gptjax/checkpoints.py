@@ -22,15 +22,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from gptjax import compat
 from gptjax.errors import UserError, check_workdir
 
 ITEMS = ("params", "opt_state", "meta")
-
-if not hasattr(jax.monitoring, "record_scalar"):
-    # orbax-checkpoint 0.11.24, the newest that installs beside jax 0.5.0 (the Apple/jax-metal stack), reports
-    # array sizes through jax.monitoring.record_scalar, which that JAX does not have yet. It only records
-    # monitoring metrics, so a no-op stands in for it.
-    jax.monitoring.record_scalar = lambda *args, **kwargs: None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -38,6 +33,7 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    compat.install()  # Orbax on the Apple stack's jax 0.5 needs a stand-in for jax.monitoring.record_scalar
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)

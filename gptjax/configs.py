@@ -148,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Record a jax.profiler trace of steps FIRST:LAST (e.g. '20:25', after compilation) in <workdir>/profile, for
     # TensorBoard's profile plugin or Perfetto (ui.perfetto.dev); '' records none.
     train.profile_steps = ""
+    # Also log the metrics to this Weights & Biases project ('' = off, and wandb is not imported); the run is named
+    # after the workdir and a resumed run continues it. WANDB_MODE=offline keeps it on disk (`wandb sync` later).
+    train.wandb_project = ""
     # Print and log metrics every this many steps (the training loss logged is the mean over those steps).
     train.log_every = 10
     # Evaluate on held-out data every this many steps (0 disables).
@@ -168,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Measure the matmul peak again instead of using the kept one (after a hardware or driver change).
     train.remeasure_peak = False
     # Keep compiled programs in ~/.cache/gptjax/jax (JAX's persistent compilation cache), so a rerun or a resume
-    # does not compile them again; sample and evaluate use it too.
+    # does not compile them again; sample and evaluate use it too (off on jax-metal and before jax 0.10).
     train.compilation_cache = True
     # JAX platform: '' lets JAX choose (GPU > CPU); 'cpu', 'gpu', 'tpu' or 'METAL' force one.
     train.platform = ""

@@ -12,19 +12,22 @@ any corpus the input pipeline reads. Prints a final JSON line. Two standard meas
   its last word from the rest; a hit is the greedy prediction of every token of that word.
 """
 
+import functools
 import json
 import math
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
-from gptjax import cli, hardware, input_pipeline
+from gptjax import cli, hardware, input_pipeline, kernels
 from gptjax.model import GPT, ModelConfig
+from gptjax.sampling import next_power_of_two
 from gptjax import train_step as steps_lib
 from gptjax.checkpoints import load_for_inference
 from gptjax.errors import UserError
@@ -37,7 +40,7 @@ def evaluate_loss(params, eval_step, stream, seq_len: int, batch_size: int, max_
     The last batch is padded to the full batch size with weight-0 rows, so every device sees the same shape.
     With `token_bytes` (UTF-8 bytes of each token id) it also reports bits per byte, comparable across tokenizers.
     """
-    loss_sum, tokens, num_bytes = 0.0, 0.0, 0
+    loss_sum, tokens, num_bytes = 0.0, 0.0, 0  # the sums stay on the device until the end: no wait per batch
     rows = input_pipeline.process_rows(batch_size, jax.process_index(), jax.process_count())
     batches = input_pipeline.eval_batches(stream, seq_len, batch_size, max_batches)
     for windows in tqdm(batches, desc="evaluating", unit=" batches", disable=not progress):
@@ -47,10 +50,10 @@ def evaluate_loss(params, eval_step, stream, seq_len: int, batch_size: int, max_
         padded[: len(windows)] = windows
         out = eval_step(params, steps_lib.global_batch(padded[rows], mesh, PartitionSpec("data")),
                         steps_lib.global_batch(weights[rows], mesh, PartitionSpec("data")))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
+        loss_sum, tokens = loss_sum + out["loss_sum"], tokens + out["tokens"]
         if token_bytes is not None:
             num_bytes += int(token_bytes[windows[:, 1:]].sum())
+    loss_sum, tokens = float(loss_sum), float(tokens)
     if tokens == 0:
         raise UserError("no held-out windows to evaluate; use a larger corpus or data.eval_fraction")
     loss = loss_sum / tokens
@@ -88,26 +91,44 @@ def last_word_accuracy(params, model_config: ModelConfig, tokenizer, texts: list
     """LAMBADA's measure: the share of texts whose last word the model predicts greedily, token by token, from the
     text before it (the GPT-2 paper's protocol, without its stop-word filter). Texts longer than the context keep
     their end."""
-    max_len = model_config.max_len
     rows, word_lengths = [], []
     for text in texts:
         context, word = text.rsplit(maxsplit=1)  # the last word, after any whitespace
         word_ids = tokenizer.encode(" " + word)
-        rows.append((tokenizer.encode(context) + word_ids)[-max_len:])
+        rows.append((tokenizer.encode(context) + word_ids)[-model_config.max_len:])
         word_lengths.append(len(word_ids))
-    model = GPT(model_config)
-    greedy = jax.jit(lambda p, tokens_BxT: model.apply({"params": p}, tokens_BxT).argmax(axis=-1))
-    hits = 0
+    hits = greedy_hits(params, model_config, rows, word_lengths, batch_size)
+    return {"lambada_accuracy": float(np.mean(hits)), "lambada_examples": len(rows)}
+
+
+def greedy_hits(params, model_config: ModelConfig, rows: list[list[int]], word_lengths: list[int],
+                batch_size: int = 16) -> np.ndarray:
+    """[len(rows)] bool: whether the greedy prediction of each row's last `word_lengths[i]` tokens, each from the
+    tokens before it, is those tokens. A batch is padded to its longest row (rounded up to a power of two, so a few
+    shapes are compiled) and the output layer runs only at the positions that predict a word token: not the
+    [B, max_len, V] logits of every position."""
+    hits = np.zeros((len(rows),), bool)
     for start in range(0, len(rows), batch_size):
-        batch = rows[start: start + batch_size]
-        tokens_BxT = np.zeros((batch_size, max_len), np.int32)  # right padding: a causal model never sees it
-        for i, ids in enumerate(batch):
+        batch, lengths = rows[start: start + batch_size], word_lengths[start: start + batch_size]
+        T = min(model_config.max_len, next_power_of_two(max(map(len, batch))))
+        W = next_power_of_two(max(lengths))
+        tokens_BxT = np.zeros((batch_size, T), np.int32)  # right padding: a causal model never sees it
+        positions_BxW = np.zeros((batch_size, W), np.int32)  # position t predicts token t + 1
+        for i, (ids, n) in enumerate(zip(batch, lengths)):
             tokens_BxT[i, : len(ids)] = ids
-        predicted_BxT = np.asarray(greedy(params, tokens_BxT))  # position t predicts token t + 1
-        for i, ids in enumerate(batch):
-            n = word_lengths[start + i]
-            hits += bool((predicted_BxT[i, len(ids) - n - 1: len(ids) - 1] == ids[len(ids) - n:]).all())
-    return {"lambada_accuracy": hits / len(rows), "lambada_examples": len(rows)}
+            positions_BxW[i, :n] = np.arange(len(ids) - n - 1, len(ids) - 1)
+        predicted_BxW = np.asarray(_greedy_at(params, tokens_BxT, positions_BxW, model_config=model_config))
+        for i, (ids, n) in enumerate(zip(batch, lengths)):
+            hits[start + i] = (predicted_BxW[i, :n] == ids[len(ids) - n:]).all()
+    return hits
+
+
+@functools.partial(jax.jit, static_argnames=("model_config",))
+def _greedy_at(params, tokens_BxT, positions_BxW, *, model_config: ModelConfig):
+    model = GPT(model_config)
+    hidden_BxTxD = model.apply({"params": params}, tokens_BxT, method=GPT.hidden_states)
+    hidden_BxWxD = jnp.take_along_axis(hidden_BxTxD, positions_BxW[:, :, None], axis=1)
+    return model.apply({"params": params}, hidden_BxWxD, method=GPT.output_logits).argmax(axis=-1)
 
 
 def token_byte_lengths(tokenizer_name: str, vocab_size: int) -> np.ndarray:
@@ -158,10 +179,10 @@ def main():
     params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
     config = ml_collections.ConfigDict(meta["config"])
     if FLAGS.lambada:
-        from gptjax.tokenizer import load_tokenizer
+        from gptjax.tokenizer import load_text_codec
 
         texts = read_last_word_examples(FLAGS.lambada, FLAGS.text_field or config.data.text_field)
-        results = last_word_accuracy(params, model_config, load_tokenizer(config.data.tokenizer), texts)
+        results = last_word_accuracy(params, model_config, load_text_codec(config.data.tokenizer), texts)
         print(json.dumps({"step": meta["step"], "lambada": FLAGS.lambada, **results}))
         return
     for key in ("source", "path", "name"):
@@ -175,7 +196,8 @@ def main():
     if batch_size % mesh.size:
         raise UserError(f"--batch_size={batch_size} is not divisible by the {mesh.size} devices")
     params_sharding = steps_lib.replicated_sharding(params, mesh)
-    eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding)
+    eval_chunk = kernels.eval_loss_chunk_tokens(train.get("loss_chunk_tokens", -1))
+    eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding, loss_chunk=eval_chunk)
     if FLAGS.split == "validation" and config.data.eval_fraction == 0 and FLAGS.path is None:
         raise UserError(f"the run in {FLAGS.workdir} was trained with data.eval_fraction=0: it held out no documents "
                         f"to evaluate on; pass --split train to read its training text, or a corpus of its own "
@@ -186,9 +208,9 @@ def main():
                                                                   model_config.padded_vocab_size),
                             progress=True)
     if FLAGS.words:  # the evaluated windows' targets are the tokens 1 .. eval_tokens of the stream, in order
-        from gptjax.tokenizer import load_tokenizer
+        from gptjax.tokenizer import load_text_codec
 
-        words = count_words(load_tokenizer(config.data.tokenizer), stream.read(1, results["eval_tokens"]))
+        words = count_words(load_text_codec(config.data.tokenizer), stream.read(1, results["eval_tokens"]))
         total_nll = results["eval_loss"] * results["eval_tokens"]
         results.update({"eval_words": words, "eval_word_perplexity": math.exp(min(total_nll / max(1, words), 50.0))})
     print(json.dumps({"step": meta["step"], "split": FLAGS.split, "source": config.data.source, **results}))

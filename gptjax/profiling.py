@@ -1,9 +1,9 @@
 """train.profile_steps: a jax.profiler trace of a few training steps, for TensorBoard's profile plugin or Perfetto."""
 
-import sys
-
 import jax
 from tqdm import tqdm
+
+from gptjax.compat import keeping_tensorflow_trace_check
 
 
 class Trace:
@@ -29,13 +29,3 @@ class Trace:
             self.running = False
             tqdm.write(f"profile  | steps {self.window[0]}-{self.window[1]} traced in {self.directory} (tensorboard "
                        f"--logdir {self.directory}, or ui.perfetto.dev)")
-
-
-def keeping_tensorflow_trace_check(profiler_call, *args) -> None:
-    """jaxlib 0.5's profiler session (the Apple stack) sets TensorFlow's `trace.enabled`, a function, to True when it
-    starts and False when it stops, after which TensorBoard's summary writes fail calling it: put the function back."""
-    tf_trace = sys.modules.get("tensorflow.python.profiler.trace")
-    check = getattr(tf_trace, "enabled", None)
-    profiler_call(*args)
-    if callable(check):
-        tf_trace.enabled = check

@@ -13,7 +13,7 @@ from absl import flags
 from gptjax import cli, hardware, sampling
 from gptjax.checkpoints import load_for_inference
 from gptjax.errors import UserError
-from gptjax.tokenizer import load_tokenizer
+from gptjax.tokenizer import load_text_codec
 
 def define_flags():
     """Command-line flags, defined only when this module runs as the program (others import its functions)."""
@@ -61,7 +61,7 @@ def main():
     hardware.use_compilation_cache()
     params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
     check_options(model_config.vocab_size)
-    tokenizer = load_tokenizer(meta["tokenizer"])
+    tokenizer = load_text_codec(meta["tokenizer"])
     eos = tokenizer.eos_token_id
     prompt_text = read_prompt()
     prompt_ids, dropped = sampling.fit_prompt(tokenizer.encode(prompt_text), model_config, eos)

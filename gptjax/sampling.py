@@ -71,13 +71,18 @@ def empty_cache(model_config: ModelConfig, batch_size: int):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def prefill(params, model_config: ModelConfig, tokens_BxP: jax.Array):
-    """Runs P tokens through the model from position 0: (logits for the next token [B, V], filled cache)."""
+def prefill(params, model_config: ModelConfig, tokens_BxP: jax.Array, length=None):
+    """Runs P tokens through the model from position 0: (logits for the token after the first `length` [B, V],
+    filled cache). `length` (default P) lets prompts of many lengths share one compilation, padded to a few sizes:
+    the padding's cache slots lie after `length`, where the causal mask hides them until decoding overwrites them."""
     model = GPT(model_config)
+    P = tokens_BxP.shape[1]
     cache = empty_cache(model_config, tokens_BxP.shape[0])
-    logits_BxPxV, variables = model.apply({"params": params, "cache": cache}, tokens_BxP,
-                                          jnp.arange(tokens_BxP.shape[1]), decode=True, mutable=["cache"])
-    return logits_BxPxV[:, -1], variables["cache"]
+    hidden_BxPxD, variables = model.apply({"params": params, "cache": cache}, tokens_BxP, jnp.arange(P),
+                                          decode=True, mutable=["cache"], method=GPT.hidden_states)
+    last_Bx1xD = jax.lax.dynamic_slice_in_dim(hidden_BxPxD, (P if length is None else length) - 1, 1, axis=1)
+    logits_Bx1xV = model.apply({"params": params}, last_Bx1xD, method=GPT.output_logits)
+    return logits_Bx1xV[:, 0], variables["cache"]
 
 
 _prefill_jit = jax.jit(prefill, static_argnums=1)
@@ -175,10 +180,15 @@ def generate_chunks(params, model_config: ModelConfig, prompt_ids: list[int] | n
     """
     prompt = np.asarray(prompt_ids, dtype=np.int32)
     assert 0 < len(prompt) <= model_config.max_len, "use fit_prompt() first"
-    # Room for the prompt and every new token; at least one window, so the slide's slice is always in bounds.
-    tokens_BxL = np.zeros((num_samples, max(len(prompt) + max_new_tokens, model_config.max_len)), np.int32)
+    # Shapes come in a few sizes, so that a new prompt length or max_new_tokens reuses the compiled programs: the
+    # prompt is padded to a power of two (at most the window), the token buffer holds a power-of-two number of
+    # windows (at least one, so the slide's slice is always in bounds).
+    prompt_slots = min(model_config.max_len, next_power_of_two(len(prompt)))
+    tokens_BxL = np.zeros((num_samples, model_config.max_len * next_power_of_two(
+        -(-(len(prompt) + max_new_tokens) // model_config.max_len))), np.int32)
     tokens_BxL[:, : len(prompt)] = prompt
-    logits_BxV, cache = _prefill_jit(params, model_config, jnp.asarray(tokens_BxL[:, : len(prompt)]))
+    logits_BxV, cache = _prefill_jit(params, model_config, jnp.asarray(tokens_BxL[:, :prompt_slots]),
+                                     jnp.asarray(len(prompt), jnp.int32))
     state = DecodeState(tokens_BxL=jnp.asarray(tokens_BxL), length=jnp.asarray(len(prompt), jnp.int32),
                         cache_position=jnp.asarray(len(prompt), jnp.int32), logits_BxV=logits_BxV, cache=cache,
                         done_B=jnp.zeros((num_samples,), bool), rng=rng)
@@ -193,10 +203,14 @@ def generate_chunks(params, model_config: ModelConfig, prompt_ids: list[int] | n
         state = decode_steps(params, head, state, jnp.asarray(steps, jnp.int32), slide=slide, **options)
         cache_position = slide_window(model_config) if slide else cache_position + steps
         start = len(prompt) + produced
-        yield np.asarray(state.tokens_BxL[:, start: start + steps])
+        yield np.asarray(state.tokens_BxL)[:, start: start + steps]  # sliced on the host: no program per slice
         produced += steps
-        if bool(state.done_B.all()):
+        if np.asarray(state.done_B).all():
             return
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def generate(params, model_config: ModelConfig, prompt_ids, rng: jax.Array, **options) -> np.ndarray:

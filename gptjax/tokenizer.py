@@ -8,6 +8,8 @@ Two encoders are built from the same files:
 - `load_tokenizer()`: Hugging Face's `GPT2TokenizerFast`, the reference (encode, decode, special tokens).
 - `load_bulk_encoder()`: tiktoken, several times faster for tokenizing whole corpora; tests prove its ids equal
   the Hugging Face tokenizer's.
+`load_text_codec()` is what train, sample and evaluate need (encode, decode, end-of-text, size): tiktoken's for
+'gpt2', so they do not import transformers (and, through it, PyTorch: ~2 s of a command that otherwise takes a few).
 """
 
 import functools
@@ -77,3 +79,27 @@ def load_bulk_encoder():
         vocab_bpe_hash=GPT2_FILES_SHA256["vocab.bpe"], encoder_json_hash=GPT2_FILES_SHA256["encoder.json"])
     return tiktoken.Encoding("gpt2-offline", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
                              special_tokens={END_OF_TEXT: END_OF_TEXT_ID})
+
+
+class TiktokenGPT2:
+    """GPT-2's encode, decode, eos_token_id and size as the Hugging Face tokenizer gives them (tested equal), by
+    tiktoken."""
+
+    eos_token_id = END_OF_TEXT_ID
+
+    def __init__(self):
+        self.encoding = load_bulk_encoder()
+
+    def __len__(self) -> int:
+        return self.encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all")  # '<|endoftext|>' in a text is the token, as in HF
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode([int(i) for i in ids])  # an incomplete UTF-8 character decodes to U+FFFD, as in HF
+
+
+def load_text_codec(name: str = "gpt2"):
+    """encode / decode / eos_token_id / len for `name`: tiktoken's for 'gpt2', else the `transformers` tokenizer."""
+    return TiktokenGPT2() if name == "gpt2" else load_tokenizer(name)

@@ -12,7 +12,6 @@ if __name__ == "__main__":  # before the imports below take their seconds: Ctrl-
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -32,10 +31,11 @@ from gptjax.evaluate import evaluate_loss
 from gptjax import train_step as steps_lib
 from gptjax.configs import build_model_config, define_config_flag, profile_steps, validate
 from gptjax.errors import UserError, check_workdir
+from gptjax.metrics import MetricsLog
 from gptjax.model import ModelConfig
 from gptjax.profiling import Trace
 from gptjax.scaling import describe, flops_per_token, param_count, planned_steps
-from gptjax.tokenizer import load_tokenizer
+from gptjax.tokenizer import load_text_codec
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,40 +117,6 @@ def prepare_data(config, workdir: str) -> input_pipeline.TokenCache:
         input_pipeline.prepare(config, workdir)
     multihost_utils.sync_global_devices("gptjax token cache ready")
     return input_pipeline.prepare(config, workdir, progress=False)
-
-
-class MetricsLog:
-    """<workdir>/metrics.jsonl (one JSON object per logged step) and TensorBoard events in <workdir>/tensorboard.
-
-    On resume, lines logged after the restored step (by the run that was interrupted) are dropped, so the file
-    reads as one uninterrupted run.
-    """
-
-    def __init__(self, workdir: str, start_step: int, enabled: bool = True):
-        self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if not enabled:
-            return
-        kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
-        tf = input_pipeline.import_tensorflow()
-        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-        self.tf = tf
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        with self.writer.as_default(step=step):
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tf.summary.scalar(name, value)
-        self.writer.flush()
 
 
 def sample_text(params, model_config: ModelConfig, tokenizer, seed: int, max_new_tokens: int = 32) -> str:
@@ -278,7 +244,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     hardware.use_compilation_cache(train.compilation_cache)
     interrupts.reassert()
     model_config = build_model_config(config.model)
-    tokenizer = load_tokenizer(data.tokenizer)
+    tokenizer = load_text_codec(data.tokenizer)
     if len(tokenizer) > model_config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={model_config.vocab_size}; "
                         f"raise model.vocab_size")
@@ -382,12 +348,14 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
                                         loss_chunk=kernels.loss_chunk_tokens(train.loss_chunk_tokens),
                                         parallelism=steps_lib.resolve_parallelism(train.parallelism,
                                                                                   train.sharding))
-    eval_fn = steps_lib.make_eval_step(run.model_config, run.mesh, run.state_sharding.params)
+    eval_fn = steps_lib.make_eval_step(run.model_config, run.mesh, run.state_sharding.params,
+                                       loss_chunk=kernels.eval_loss_chunk_tokens(train.loss_chunk_tokens))
     batches = input_pipeline.train_batches(run.train_stream, data.seq_len, train.batch_size, train.seed,
                                            start_step, jax.process_index(), jax.process_count())
     local_shape = (train.grad_accum_steps, train.batch_size // jax.process_count() // train.grad_accum_steps,
                    data.seq_len + 1)  # [A, rows of this process, T1]
-    log = MetricsLog(run.workdir, start_step, enabled=run.is_chief)
+    log = MetricsLog(run.workdir, start_step, enabled=run.is_chief, wandb_project=train.wandb_project,
+                     config=run.config.to_dict())
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not (progress and run.is_chief), unit="step",
                dynamic_ncols=True)
     speed, step = Speedometer(train.batch_size * data.seq_len), start_step
@@ -422,6 +390,7 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
         raise RunInterrupted from None
     finally:
         trace.stop()
+        log.close()
         bar.close()
         batches.close()
         run.manager.wait_until_finished()

@@ -19,22 +19,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptjax import kernels
+from gptjax.compat import shard_map  # jax.shard_map (jax.experimental.shard_map on the Apple stack's jax 0.5)
 from gptjax.model import GPT, ModelConfig, init_params
-
-# shard_map moved into jax proper (and renamed its replication check) after 0.5, the Apple stack's version. The check
-# is off in both: it would want the accumulation carry marked device-varying (jax.lax.pvary, which 0.5 lacks), and
-# the outputs are replicated by construction (they come out of a pmean).
-try:
-    from jax import shard_map as _shard_map
-
-    def shard_map(f, mesh, in_specs, out_specs):
-        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-except ImportError:  # jax 0.5, the Apple stack
-    from jax.experimental.shard_map import shard_map as _shard_map
-
-    def shard_map(f, mesh, in_specs, out_specs):
-        return _shard_map(f, mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
-
 
 
 @struct.dataclass
@@ -113,14 +99,15 @@ def next_token_loss(params, batch_BxT1, model: GPT, dropout_rng=None, loss_chunk
     hidden_BxTxD = model.apply({"params": params}, inputs_BxT, deterministic=deterministic, rngs=rngs,
                                method=GPT.hidden_states)
     cfg = model.config
-    if cfg.tie_embeddings:
-        output_VxD = params["token_embedding"]["embedding"]
-    else:
-        output_VxD = params["lm_head"]["kernel"].T
     hidden_MxD = hidden_BxTxD.reshape(-1, cfg.d_model)
-    loss_sum = kernels.fused_output_loss(hidden_MxD, output_VxD.astype(cfg.compute_dtype), targets_BxT.reshape(-1),
-                                         cfg.vocab_size, loss_chunk)
+    loss_sum = kernels.fused_output_loss(hidden_MxD, output_matrix(params, cfg).astype(cfg.compute_dtype),
+                                         targets_BxT.reshape(-1), cfg.vocab_size, loss_chunk)
     return loss_sum / targets_BxT.size
+
+
+def output_matrix(params, cfg) -> jax.Array:
+    """[V, D] the output layer: the token embedding when tied, else the head's kernel transposed."""
+    return params["token_embedding"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"].T
 
 
 
@@ -174,11 +161,21 @@ def train_step(state: TrainState, batch_AxBxT1, *, gradients, optimizer: optax.G
     return new_state, metrics
 
 
-def eval_step(params, batch_BxT1, weights_B, *, model: GPT):
-    """Summed loss and token count of a batch whose padding rows have weight 0: token-weighted averages."""
+def eval_step(params, batch_BxT1, weights_B, *, model: GPT, loss_chunk: int = 0):
+    """Summed loss and token count of a batch whose padding rows have weight 0: token-weighted averages.
+    With loss_chunk > 0 (where training uses the fused loss) the output layer runs that many tokens at a time, so
+    the [B, T, V] float32 logits are never stored whole."""
     inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
-    logits_BxTxV = model.apply({"params": params}, inputs_BxT)
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    if not loss_chunk:
+        logits_BxTxV = model.apply({"params": params}, inputs_BxT)
+        losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    else:
+        cfg = model.config
+        hidden_BxTxD = model.apply({"params": params}, inputs_BxT, method=GPT.hidden_states)
+        losses_M = kernels.chunked_output_losses(hidden_BxTxD.reshape(-1, cfg.d_model),
+                                                 output_matrix(params, cfg).astype(cfg.compute_dtype),
+                                                 targets_BxT.reshape(-1), cfg.vocab_size, loss_chunk)
+        losses_BxT = losses_M.reshape(targets_BxT.shape)
     weights_BxT = jnp.broadcast_to(weights_B[:, None], losses_BxT.shape)
     return {"loss_sum": (losses_BxT * weights_BxT).sum(), "tokens": weights_BxT.sum()}
 
@@ -231,8 +228,8 @@ def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransfor
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model_config: ModelConfig, mesh: Mesh, params_sharding):
-    step = functools.partial(eval_step, model=GPT(model_config))
+def make_eval_step(model_config: ModelConfig, mesh: Mesh, params_sharding, loss_chunk: int = 0):
+    step = functools.partial(eval_step, model=GPT(model_config), loss_chunk=loss_chunk)
     data = NamedSharding(mesh, PartitionSpec("data"))
     return jax.jit(step, in_shardings=(params_sharding, data, data), out_shardings=replicated(mesh))
 

@@ -117,3 +117,21 @@ def test_plain_and_fused_losses_agree_in_bfloat16(tie_embeddings):
     plain = steps_lib.next_token_loss(params, batch, model, None, 0)
     fused = steps_lib.next_token_loss(params, batch, model, None, 64)
     assert abs(float(plain) - float(fused)) <= 1e-5 * abs(float(plain)), (plain, fused)
+
+
+@pytest.mark.parametrize("tie_embeddings,dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16")])
+def test_chunked_evaluation_loss_equals_the_plain_one(tie_embeddings, dtype):
+    """eval_step with the output layer in chunks (where training uses the fused loss) sums the same losses and
+    tokens as with the full logits, padding rows (weight 0) included."""
+    cfg = ModelConfig(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64, tie_embeddings=tie_embeddings,
+                      dtype=dtype)
+    model = GPT(cfg)
+    params = model.init(jax.random.key(0), jax.numpy.zeros((1, 16), jax.numpy.int32))["params"]
+    params = jax.tree.map(lambda p: 4 * p, params)
+    batch = jax.random.randint(jax.random.key(1), (4, 17), 0, 50257)
+    weights = jax.numpy.array([1.0, 1.0, 1.0, 0.0])
+    plain = jax.jit(functools.partial(steps_lib.eval_step, model=model))(params, batch, weights)
+    for chunk in (7, 16, 1024):
+        chunked = jax.jit(functools.partial(steps_lib.eval_step, model=model, loss_chunk=chunk))(params, batch, weights)
+        assert float(chunked["tokens"]) == float(plain["tokens"]) == 48
+        np.testing.assert_allclose(chunked["loss_sum"], plain["loss_sum"], rtol=1e-5)

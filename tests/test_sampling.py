@@ -66,6 +66,23 @@ def test_every_token_past_several_slides_equals_the_uncached_reference(pos_embed
     assert len(set(reference[0].tolist())) >= 5 and len(set(reference[0, 20:].tolist())) >= 2  # a varied path
 
 
+def test_a_new_prompt_length_or_token_count_compiles_nothing_new(params, caplog):
+    """Prompts are padded to a power of two and the token buffer holds a power-of-two number of windows, and the
+    new tokens are sliced on the host: a second call with other lengths reuses every compiled program (a `sample`
+    session, or a second command with the compilation cache, then compiles nothing)."""
+    first = sampling.generate(params, CFG, [464, 2068, 7586], jax.random.key(0), max_new_tokens=12, chunk=5)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        second = sampling.generate(params, CFG, [464, 2068, 7586, 318], jax.random.key(0), max_new_tokens=9,
+                                   chunk=5)
+    compiled = [r.getMessage().splitlines()[0] for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled
+    assert first.shape == (1, 12) and second.shape == (1, 9)
+    # The padded prompt changes nothing: the same tokens as the unpadded reference.
+    np.testing.assert_array_equal(sampling.generate(params, CFG, [464, 2068, 7586], jax.random.key(0),
+                                                    max_new_tokens=12, temperature=0.0),
+                                  sampling.generate_greedy_uncached(params, CFG, [464, 2068, 7586], 12))
+
+
 def test_a_decoding_step_updates_the_kv_cache_in_place_at_batch_1(params):
     # With a [B, N, S, H] cache, XLA's CPU compiler copied every layer's cache four times per step at batch 1 (a
     # size-1 axis that it removed from the attention dots but not from the cache update): decoding 1.2x slower.
@@ -133,14 +150,19 @@ def trained_workdir(tmp_path_factory):
     return workdir
 
 
-def test_sample_command_streams_text(trained_workdir):
+def test_sample_command_streams_text(trained_workdir, monkeypatch):
     result = run_module("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=The class statement",
                         "--max_new_tokens=20", "--temperature=0")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("The class statement") and len(result.stdout) > len("The class statement")
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # python -X importtime: every import on stderr
     again = run_module("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=The class statement",
                        "--max_new_tokens=20", "--temperature=0")
     assert again.stdout == result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time")}
+    assert "gptjax.sample" in imported and "tiktoken" in imported
+    assert "transformers" not in imported and "torch" not in imported  # GPT-2's BPE by tiktoken: seconds saved
+    monkeypatch.delenv("PYTHONPROFILEIMPORTTIME")
     many = run_module("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=", "--num_samples=3",
                       "--max_new_tokens=8", "--prompt_file=" + os.path.join(REPO_ROOT, "README.md"),
                       "--head_dtype=bfloat16")
@@ -262,6 +284,29 @@ def test_lambada_last_word_accuracy_counts_greedy_hits(trained_workdir, tmp_path
     (tmp_path / "one_word.jsonl").write_text(json.dumps({"text": "Hello"}) + "\n")
     bad = run_module("gptjax.evaluate", f"--workdir={trained_workdir}", f"--lambada={tmp_path / 'one_word.jsonl'}")
     assert bad.returncode == 2 and "line 1 has fewer than two words" in bad.stderr
+
+
+def test_greedy_hits_read_only_the_word_positions_of_batches_of_any_length(params):
+    """The LAMBADA scorer (padded to each batch's longest row, logits only where a word token is predicted) agrees
+    with the full forward pass's greedy predictions, for words of 1 to 3 tokens, rows of many lengths and a last
+    batch that is not full."""
+    from gptjax.evaluate import greedy_hits
+
+    rng = np.random.default_rng(0)
+    rows, lengths, expected = [], [], []
+    for i in range(11):
+        context = rng.integers(0, 50257, size=int(rng.integers(1, 12))).tolist()
+        n = 1 + i % 3
+        word = []
+        for _ in range(n):  # the model's own greedy continuation: a hit ...
+            logits = GPT(CFG).apply({"params": params}, jnp.asarray([context + word], jnp.int32))
+            word.append(int(logits[0, -1].argmax()))
+        if i % 4 == 3:  # ... or that word with its last token changed: a miss
+            word[-1] = (word[-1] + 1) % 50257
+        rows.append((context + word)[-CFG.max_len:])
+        lengths.append(n)
+        expected.append(i % 4 != 3)
+    np.testing.assert_array_equal(greedy_hits(params, CFG, rows, lengths, batch_size=4), expected)
 
 
 def read_documents_sentences():

@@ -1,6 +1,6 @@
 import pytest
 
-from gptjax.tokenizer import END_OF_TEXT_ID, load_bulk_encoder, load_tokenizer
+from gptjax.tokenizer import END_OF_TEXT_ID, load_bulk_encoder, load_text_codec, load_tokenizer
 
 UNICODE_TEXT = "Zürich, 東京 and Москва — naïve café ☕ 🙂\n\n  tabs\tand  double  spaces\r\n"
 
@@ -26,6 +26,18 @@ def test_bulk_encoder_gives_the_same_ids_as_hugging_face():
         # Corpus text is tokenized as plain text: a literal '<|endoftext|>' in a document is not a separator.
         reference = tokenizer(text, split_special_tokens=True)["input_ids"]
         assert bulk.encode_ordinary(text) == reference
+
+
+def test_the_sampling_codec_encodes_and_decodes_as_hugging_face():
+    """`sample`'s tiktoken codec (no transformers import): the same prompt ids ('<|endoftext|>' in a prompt is the
+    special token), the same text for every prefix of a sample, incomplete UTF-8 characters included."""
+    tokenizer, codec = load_tokenizer(), load_text_codec("gpt2")
+    assert codec.eos_token_id == tokenizer.eos_token_id and len(codec) == len(tokenizer) == 50257
+    for text in (UNICODE_TEXT, "it's 1234567 !!!?? <|endoftext|>The next document", "🙂🙂 東京"):
+        ids = tokenizer.encode(text)
+        assert codec.encode(text) == ids
+        for end in range(len(ids) + 1):
+            assert codec.decode(ids[:end]) == tokenizer.decode(ids[:end])
 
 
 def test_missing_tokenizer_directory_is_a_clear_error():

@@ -238,9 +238,13 @@ def test_compiled_programs_are_kept_on_disk_unless_turned_off(tmp_path):
     assert not programs.exists()
     sample = [sys.executable, "-m", "gptjax.sample", f"--workdir={tmp_path / 'run'}", "--max_new_tokens=4"]
     first = subprocess.run(sample, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    if jax.__version_info__ < (0, 10):  # off before jax 0.10 (see hardware.use_compilation_cache)
+        assert not programs.exists()
+        return
     kept = sorted(os.listdir(programs))
     second = subprocess.run(sample, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == second.returncode == 0 and kept and first.stdout == second.stdout
+    assert second.returncode == 0 and kept and first.stdout == second.stdout
     assert sorted(os.listdir(programs)) == kept  # loaded, not compiled and written again
 
 
@@ -359,6 +363,56 @@ def test_profile_steps_writes_a_trace_of_the_train_step(tmp_path, capsys):
     assert f"profile  | steps 2-3 traced in {tmp_path / 'profile'}" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"train.profile_steps='3' is not FIRST:LAST with 1 <= FIRST <= LAST"):
         train_and_evaluate(small_config(profile_steps="3"), str(tmp_path / "other"), progress=False)
+
+
+def test_wandb_logs_the_same_metrics_and_a_resume_continues_its_run(tmp_path, monkeypatch):
+    """train.wandb_project logs every metrics.jsonl scalar to a wandb run (offline here: read back from the run's
+    .wandb file); the resumed run has the same id, so wandb shows one run."""
+    pytest.importorskip("wandb", reason="wandb is a test-only dependency: pip install -e .[test]")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train_and_evaluate(small_config(steps=2, log_every=1, wandb_project="gptjax-test"), str(tmp_path), progress=False)
+    train_and_evaluate(small_config(steps=3, log_every=1, wandb_project="gptjax-test"), str(tmp_path), progress=False)
+    runs = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(runs) == 2 and len({os.path.basename(run) for run in runs}) == 1, runs  # one run id, resumed
+    logged = {}
+    for run in runs:
+        logged.update(wandb_history(run))
+    for line in read_metrics(str(tmp_path)):
+        assert logged[line["step"]]["loss"] == pytest.approx(line["loss"], rel=1e-6)
+        assert logged[line["step"]]["learning_rate"] == pytest.approx(line["learning_rate"], rel=1e-6)
+    assert sorted(logged) == [1, 2, 3]
+
+
+def wandb_history(path: str) -> dict:
+    """{step: {name: value}} of the history records in a .wandb file: a 7-byte header (':W&B', magic, version), then
+    records in 32 KiB blocks, each chunk after a 7-byte header (crc32, little-endian length, type: full, first,
+    middle, last), the record a wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B", data[:7]
+    position, pieces, history = 7, b"", {}
+    while position + 7 <= len(data):
+        left_in_block = 32768 - position % 32768
+        if left_in_block < 7:  # too little room for a chunk header: the block's padding
+            position += left_in_block
+            continue
+        length, kind = int.from_bytes(data[position + 4: position + 6], "little"), data[position + 6]
+        if kind == 0:
+            break
+        pieces += data[position + 7: position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or its last piece
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                history[items.pop("_step")] = items
+    return history
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):

@@ -88,3 +88,28 @@ def _fused_output_loss_bwd(vocab_size, chunk, residuals, g):
 
 
 fused_output_loss.defvjp(_fused_output_loss_fwd, _fused_output_loss_bwd)
+
+
+def chunked_output_losses(hidden_MxD, output_VxD, targets_M, vocab_size: int, chunk: int):
+    """[M] cross-entropy of logits = hidden @ output.T, `chunk` tokens at a time, forward only (evaluation): the
+    [M, V] float32 logits are never stored whole, only one chunk's [c, V]."""
+    M, D = hidden_MxD.shape
+    chunk = min(chunk, M)
+    padded = -(-M // chunk) * chunk
+    hidden_CxcxD = jnp.pad(hidden_MxD, ((0, padded - M), (0, 0))).reshape(-1, chunk, D)
+    targets_Cxc = jnp.pad(targets_M, (0, padded - M)).reshape(-1, chunk)
+
+    is_real_1xV = (jnp.arange(output_VxD.shape[0]) < vocab_size)[None, :]
+
+    def one_chunk(_, xs):
+        h_cxD, t_c = xs
+        logits_cxV = jnp.dot(h_cxD, output_VxD.T, preferred_element_type=jnp.float32)
+        # Two reads of the [c, V] logits, as in the fused loss: the max, then the sum of exp(logits - max), which
+        # XLA fuses into one reduction without writing the exponentials.
+        max_cx1 = max_over_real_vocab(logits_cxV, vocab_size)
+        sum_c = jnp.where(is_real_1xV, jnp.exp(logits_cxV - max_cx1), 0.0).sum(axis=-1)
+        target_logit_c = jnp.take_along_axis(logits_cxV, t_c[:, None], axis=-1)[:, 0]
+        return None, max_cx1[:, 0] + jnp.log(sum_c) - target_logit_c
+
+    _, losses_Cxc = jax.lax.scan(one_chunk, None, (hidden_CxcxD, targets_Cxc))
+    return losses_Cxc.reshape(padded)[:M]
