@@ -75,12 +75,14 @@ def assert_one_error_line(result, expected: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: " + expected), result.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, args, expected", COMMAND_LINE_CASES,
                          ids=[f"{m}-{' '.join(a)}" for m, a, _ in COMMAND_LINE_CASES])
 def test_command_line_mistakes_are_one_line(module, args, expected):
     assert_one_error_line(run_module(module, *args, timeout=120), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, args", [
     ("gptjax.train", []), ("gptjax.prepare", []), ("gptjax.sample", []), ("gptjax.evaluate", []),
     ("gptjax.plot", []), ("gptjax.convert", ["--hf=experiments"]),
@@ -93,6 +95,7 @@ def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path, module, ar
     assert path.read_text() == "my notes"
 
 
+@pytest.mark.slow
 def test_help_exits_0_and_shows_config_and_how_to_list_the_keys():
     result = run_module("gptjax.train", "--help", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -128,6 +131,7 @@ def test_config_values_are_checked_before_any_work(key, value, message):
         validate(config)
 
 
+@pytest.mark.slow
 def test_a_single_text_file_is_refused_before_the_first_step_with_fixes_that_work(tmp_path):
     corpus = tmp_path / "book.txt"
     corpus.write_text("\n\n".join(open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read().split("\n\n")))
@@ -146,6 +150,7 @@ def test_a_single_text_file_is_refused_before_the_first_step_with_fixes_that_wor
         assert result["step"] == 2 and ("eval_loss" in result) == (fix["eval_fraction"] > 0)
 
 
+@pytest.mark.slow
 def test_a_finished_run_says_so_and_how_to_extend_it(tmp_path, capsys):
     train_and_evaluate(small_config(steps=2), str(tmp_path), progress=False)
     capsys.readouterr()
@@ -158,6 +163,7 @@ def test_a_finished_run_says_so_and_how_to_extend_it(tmp_path, capsys):
     assert f"python -m gptjax.sample --workdir {tmp_path}" in text and "gptjax.plot" in text
 
 
+@pytest.mark.slow
 def test_an_interrupt_after_a_save_says_which_checkpoint_a_rerun_resumes(tmp_path, capsys):
     from gptjax import checkpoints
     from gptjax import train_step as steps_lib
@@ -186,6 +192,7 @@ def test_an_offline_tfds_download_fails_fast_and_leaves_nothing_behind(tmp_path,
     assert not (tmp_path / "tfds").exists()
 
 
+@pytest.mark.slow
 def test_an_offline_hub_dataset_fails_at_once_in_one_line(tmp_path):
     """Offline (the Hub refused, as on a machine without network), a Hub dataset that is not in the cache fails in one
     line without Hugging Face's retries, in a fresh process as a user meets it (huggingface_hub reads its offline
@@ -231,6 +238,7 @@ def test_a_measured_peak_is_kept_per_machine_and_measured_again_on_request(tmp_p
     assert again != 1.5e9 and json.loads(path.read_text()) == {key: again}
 
 
+@pytest.mark.slow
 def test_the_train_step_uses_no_deprecated_optax_spelling():
     from gptjax import train_step as steps_lib
 
@@ -256,6 +264,7 @@ runpy.run_module("gptjax.prepare", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_run_prints_no_library_noise(tmp_path):
     import subprocess
     import sys
@@ -278,6 +287,7 @@ def trained_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["init_from missing", "init_from of another shape", "a workdir of another shape",
                                   "batch and accumulation", "a path that matches nothing"])
 def test_what_the_config_and_checkpoints_can_tell_is_refused_before_any_data_work(trained_run, tmp_path, case):
@@ -322,6 +332,7 @@ BAD_RECORDS = {  # a line of a user's .jsonl file -> the one error line that nam
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", BAD_RECORDS)
 def test_a_bad_record_in_a_users_jsonl_is_one_line_naming_file_and_line(tmp_path, kind):
     line, message = BAD_RECORDS[kind]
@@ -335,6 +346,7 @@ def test_a_bad_record_in_a_users_jsonl_is_one_line_naming_file_and_line(tmp_path
     assert lines[0].startswith(f"error: {corpus} {message}"), result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_bad_parquet_column_and_bad_lambada_files_are_one_line(tmp_path, trained_run):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -357,6 +369,7 @@ def test_a_bad_parquet_column_and_bad_lambada_files_are_one_line(tmp_path, train
     assert result.returncode == 0 and '"lambada_examples": 1' in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_evaluating_a_run_that_held_nothing_out_names_the_fixes(tmp_path):
     config = small_config(steps=1)
     config.data.eval_fraction = 0.0

@@ -8,6 +8,8 @@ import pytest
 from gptjax.configs import load_config_file
 from tests.test_train import REPO_ROOT, run_module
 
+pytestmark = pytest.mark.slow  # each runs a benchmark: `pytest -m "not slow"` skips them
+
 
 def test_benchmark_suite_reports_ratios_against_the_measured_peak():
     result = run_module("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--repeats", "1", timeout=600)

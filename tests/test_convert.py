@@ -18,6 +18,8 @@ from gptjax.model import GPT
 from gptjax.tokenizer import load_tokenizer
 from tests.test_train import read_metrics, run_module, small_config
 
+pytestmark = pytest.mark.slow  # PyTorch models and training runs: `pytest -m "not slow"` skips them
+
 torch = pytest.importorskip("torch", reason="PyTorch is a test-only dependency: pip install -e .[test]")
 transformers = pytest.importorskip("transformers")
 

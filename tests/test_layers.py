@@ -43,6 +43,7 @@ def test_the_stacked_layout_is_the_unrolled_one_with_a_layer_axis():
     assert_trees_close(unstack_blocks(stacked, CFG.n_layer), params, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers, remat", VARIANTS)
 @pytest.mark.parametrize("loss_chunk", [0, 1024])  # the full logits, and the fused kernel CPUs use
 def test_same_loss_and_gradients_as_the_unrolled_model(scan_layers, remat, loss_chunk):
@@ -56,6 +57,7 @@ def test_same_loss_and_gradients_as_the_unrolled_model(scan_layers, remat, loss_
     assert_trees_close(unstack_blocks(grads, cfg.n_layer) if scan_layers else grads, want_grads)
 
 
+@pytest.mark.slow
 @needs_scan
 def test_a_scanned_rematerialised_run_trains_like_the_unrolled_one():
     config = small_config()
@@ -124,6 +126,7 @@ def test_scan_layers_is_one_line_where_flax_cannot_scan():
         build_model_config(small_config().model.to_dict() | {"scan_layers": True})
 
 
+@pytest.mark.slow
 @needs_scan
 def test_train_and_sample_with_scan_layers_and_remat(tmp_path):
     from gptjax.train import train_and_evaluate
@@ -138,6 +141,7 @@ def test_train_and_sample_with_scan_layers_and_remat(tmp_path):
     assert tokens.shape == (1, 5)
 
 
+@pytest.mark.slow
 @needs_scan
 def test_the_layout_is_a_pure_layout_switch_from_the_same_seed(tmp_path):
     from gptjax.train import train_and_evaluate

@@ -93,6 +93,7 @@ def test_padded_vocab_entries_have_zero_probability(small_model_config):
     assert int(logits.argmax(-1).max()) < 50257
 
 
+@pytest.mark.slow
 def test_kv_cache_matches_full_forward(small_model_config):
     for overrides in ({}, {"pos_embedding": "rope"}, {"pos_embedding": "learned"}):
         cfg = small_model_config.replace(**overrides)
@@ -109,6 +110,7 @@ def test_kv_cache_matches_full_forward(small_model_config):
             np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,relative_error", [("float32", 1e-4), ("bfloat16", 0.1)])  # bfloat16 keeps ~3 digits
 def test_attention_choices_give_the_same_model_gradients(small_model_config, dtype, relative_error):
     cfg = small_model_config.replace(dtype=dtype)

@@ -10,6 +10,8 @@ from gptjax import train_step as steps_lib
 from gptjax.train import describe_fsdp
 from tests.test_train import run_on_four_host_devices
 
+pytestmark = pytest.mark.slow  # 4-device subprocesses: `pytest -m "not slow"` skips them
+
 FSDP_SCRIPT = """
 import tempfile
 import jax, numpy as np

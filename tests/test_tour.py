@@ -3,6 +3,8 @@
 import os
 import re
 
+import pytest
+
 from tests.test_train import REPO_ROOT
 
 TOUR = os.path.join(REPO_ROOT, "docs", "tour.md")
@@ -12,6 +14,7 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", markdown, flags=re.DOTALL | re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_every_block_of_the_tour_runs_in_order(monkeypatch):
     with open(TOUR) as f:
         blocks = python_blocks(f.read())

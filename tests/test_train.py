@@ -23,6 +23,8 @@ from gptjax.errors import UserError
 from gptjax.model import ModelConfig
 from gptjax.train import train_and_evaluate
 
+pytestmark = pytest.mark.slow  # every test here trains, most in subprocesses: `pytest -m "not slow"` skips them
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
