@@ -149,11 +149,12 @@ def main() -> None:
     parser.add_argument("--attention", help="override model.attention (auto / xla / chunked / cudnn)")
     parser.add_argument("--loss_chunk_tokens", type=int, help="override train.loss_chunk_tokens (0 = plain loss)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new_tokens", type=int, default=255, help="tokens each sampling measurement decodes")
     parser.add_argument("--quick", action="store_true", help="skip the PyTorch reference and the input pipeline")
     args = parser.parse_args()
     with exit_on_user_error():
         config = load_config_file(args.config)
-        for name in ("batch_size", "grad_accum_steps", "repeats"):
+        for name in ("batch_size", "grad_accum_steps", "repeats", "new_tokens"):
             value = getattr(args, name)
             cli.require(value is None or value >= 1, f"--{name}={value} must be >= 1")
         cli.require(args.loss_chunk_tokens is None or args.loss_chunk_tokens >= -1,
@@ -183,8 +184,8 @@ def run(config, args) -> None:
     results.update(train_speed(train_setup, args.repeats, (1024, 2048, 3072) if on_cpu else (4096, 8192),
                                kernels.eval_loss_chunk_tokens(config.train.loss_chunk_tokens)))
     if not args.quick and on_cpu:  # the reference is PyTorch's CPU build; it runs before TF's pipelines are used
-        results.update(head_to_head(train_setup, rounds=max(4, args.repeats)))
-    results.update(sampling_bench.run(args.config))
+        results.update(head_to_head(train_setup, rounds=max(4, args.repeats), new_tokens=args.new_tokens))
+    results.update(sampling_bench.run(args.config, args.new_tokens, uncached_tokens=min(32, args.new_tokens)))
     if not args.quick:
         pipeline = input_bench.run()
         results.update({k: v for k, v in pipeline.items() if k.endswith(("per_second", "first_batch_seconds"))})

@@ -4,14 +4,17 @@
   is one `error: ...` line and exit status 2 like every other user mistake (absl prints a FATAL block and exits 1),
   `--help` shows the command's own flags, `--config` included, and exits 0, and a stray positional argument
   (`train experiments/tiny.py`, a forgotten `--config`) is an error instead of being silently ignored.
+- `define_config_flag`: ml_collections' `--config` flag, with a missing file or an unknown key as one line.
 - `ArgumentParser`: argparse for the commands that use it (scaling, benchmarks), with the same one-line errors.
 """
 
 import argparse
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 
+from gptjax.configs import load_config_file
 from gptjax.errors import UserError, exit_on_user_error
 
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
@@ -82,3 +85,50 @@ def require(ok: bool, message: str) -> None:
     """Raises a UserError with `message` unless `ok`: one line per checked option in the commands' mains."""
     if not ok:
         raise UserError(message)
+
+
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+    """Raises a UserError naming `key` and the valid keys beside it if `key` is not in the config."""
+    node = config
+    path = []
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            where = ".".join(path) or "the config"
+            raise UserError(f"unknown config key {key!r}: {where} has no {part!r}; valid keys there: {valid}")
+        node = node[part]
+        path.append(part)
+
+
+def check_command_line(argv: list[str], default_config: str) -> None:
+    """Checks `--config PATH` and every `--config.group.key=value` in argv before absl parses them.
+
+    ml_collections raises on an unknown key while the flag is being defined, and on a missing file only when the
+    config is first read, each as a chained traceback; this finds both first and names them in one UserError line.
+    """
+    path = default_config
+    keys = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            keys.append(arg[len("--config."):].split("=", 1)[0])
+    config = load_config_file(path)
+    for key in keys:
+        check_key(config, key)
+
+
+def define_config_flag(default_config: str):
+    """The `--config` flag (plus `--config.group.key=value` overrides) of an entry point, checked first.
+
+    Call it under `if __name__ == "__main__":`: ml_collections reads the command line as soon as the flag is
+    defined, so the one-line checks of `check_command_line` must run before it.
+    """
+    from ml_collections import config_flags
+
+    with exit_on_user_error():
+        check_command_line(sys.argv[1:], default_config)
+    return config_flags.DEFINE_config_file("config", default_config, "Experiment config file (get_config()).",
+                                           lock_config=True)

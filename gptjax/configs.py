@@ -11,177 +11,147 @@ The returned config is locked: assigning or overriding a key that does not exist
 """
 
 import importlib.util
-import inspect
 import math
 import os
-import sys
 from typing import Any, Mapping
 
 import ml_collections
 
-from gptjax.errors import UserError, exit_on_user_error
+from gptjax.errors import UserError
 from gptjax.model import ACTIVATIONS, ATTENTIONS, DTYPES, POS_EMBEDDINGS, REMAT_POLICIES, ModelConfig
 
 
+# Every key gptjax reads, as 'group.key': (default, what it means). `base_config()` makes the config of the defaults
+# from it, and `python -m gptjax.configs --config <file>` prints each key's value in an experiment beside its meaning.
+KEYS = {
+    "model.vocab_size": (50257, "Tokenizer vocabulary size (GPT-2 BPE: 50257); the embedding is padded to a multiple "
+                                "of vocab_multiple."),
+    "model.vocab_multiple": (64, "Pad the vocabulary up to a multiple of this for faster matmuls; padded ids can "
+                                 "never be predicted."),
+    "model.max_len": (256, "Context window in tokens (the longest sequence the model sees)."),
+    "model.n_layer": (8, "Number of transformer blocks."),
+    "model.n_head": (8, "Attention heads per block; must divide d_model."),
+    "model.d_model": (256, "Width of the residual stream."),
+    "model.d_ff": (1024, "Hidden width of the MLP (4 x d_model, as GPT-2)."),
+    "model.pos_embedding": ("sinusoidal", "Position information: 'sinusoidal' (fixed, Vaswani et al.), 'learned' "
+                                          "(GPT-2) or 'rope' (rotary)."),
+    "model.activation": ("relu", "MLP nonlinearity: 'relu', 'gelu' (tanh approximation, as GPT-2) or 'gelu_exact' "
+                                 "(erf, as Hugging Face's 'gelu')."),
+    "model.use_bias": (True, "Biases in Dense and LayerNorm layers (GPT-2 has them)."),
+    "model.tie_embeddings": (True, "Output layer shares the token embedding matrix (GPT-2 does); False gives a "
+                                   "separate lm_head."),
+    "model.dropout": (0.0, "Dropout on embeddings and residual branches; 0 is right for single-epoch pretraining."),
+    "model.dtype": ("float32", "Compute dtype: 'float32' (the Metal default) or 'bfloat16' (GPU/TPU); parameters stay "
+                               "float32."),
+    "model.layer_norm_eps": (1e-05, "LayerNorm epsilon (GPT-2: 1e-5)."),
+    "model.rope_base": (10000.0, "Base of the rotary frequencies when pos_embedding = 'rope'."),
+    "model.attention": ("auto", "Attention kernel for whole sequences (training, evaluation): 'xla' "
+                                "(jax.nn.dot_product_attention), 'chunked' (a few sequences at a time, faster on "
+                                "CPU), 'cudnn' (cuDNN's fused attention on an NVIDIA GPU in bfloat16, else xla after "
+                                "a note) or 'auto' (chunked on CPU, xla elsewhere). All compute the same function."),
+    "model.scan_layers": (False, "Run the blocks as one Block under nn.scan (parameters stacked [n_layer, ...]): one "
+                                 "compiled block instead of n_layer, for deep models. Checkpoints and converted "
+                                 "weights follow the layout; the numbers do not change."),
+    "model.remat": ("none", "Recompute each block's activations in the backward pass instead of storing them: 'none', "
+                            "'full' (store only the block inputs) or 'dots_saveable' (keep the matmul outputs, "
+                            "recompute the rest). Same numbers, less memory."),
+
+    "data.source": ("text", "Where documents come from: 'text' (local files), 'tfds' (TensorFlow Datasets) or 'hf' "
+                            "(Hugging Face datasets)."),
+    "data.name": ("", "Dataset name for 'tfds' (e.g. 'wikipedia/20230601.en') or 'hf' (e.g. 'wikimedia/wikipedia')."),
+    "data.path": ("", "Local files for 'text': a path or glob of .txt, .jsonl or .parquet files."),
+    "data.text_field": ("text", "Field that holds the document text in TFDS / HF / jsonl / parquet records."),
+    "data.seq_len": (None, "Tokens per training sequence; follows model.max_len unless set (setting it leaves "
+                           "model.max_len alone)."),
+    "data.tokenizer": ("gpt2", "Tokenizer: 'gpt2' (the offline GPT-2 BPE) or a Hugging Face tokenizer directory."),
+    "data.split": ("train", "Split of the TFDS / HF dataset to read (held-out documents are carved out of it, see "
+                            "eval_fraction)."),
+    "data.hf_config": ("", "Hugging Face dataset config name (e.g. '20231101.en' for wikimedia/wikipedia)."),
+    "data.streaming": (True, "Stream Hugging Face datasets instead of downloading them whole first."),
+    "data.data_dir": ("", "Local TFDS data directory ('' = TFDS's default, ~/tensorflow_datasets)."),
+    "data.txt_documents": ("file", "How .txt files split into documents: 'file' (one per file) or 'blank_lines' "
+                                   "(separated by empty lines)."),
+    "data.utf8_errors": ("strict", "Invalid UTF-8 in the corpus: 'strict' stops with an error naming the file, "
+                                   "'replace' substitutes U+FFFD."),
+    "data.eval_fraction": (0.005, "Fraction of documents held out for validation (every round(1/fraction)-th "
+                                  "document)."),
+    "data.cache_dir": ("", "Where the tokenized corpus is cached ('' = <workdir>/data); share it between runs of the "
+                           "same data."),
+    "data.shard_tokens": (50_000_000, "Tokens per cache shard file (uint16 on disk: 2 bytes a token)."),
+
+    "train.steps": (1000, "Optimizer steps; 0 derives them from flop_budget."),
+    "train.init_from": ("", "Start from the parameters of another run's latest checkpoint (a workdir, e.g. from "
+                            "gptjax.convert); '' = no."),
+    "train.stop_at_step": (0, "Pause at this step (checkpoint saved) and exit; rerun the same command to go on. 0 = "
+                              "run to the end."),
+    "train.accept_data_change": (False, "Resume even if the token cache, batch_size, seq_len or seed differ from the "
+                                        "checkpoint's (which tokens come next then changes); by default such a resume "
+                                        "is refused, naming the differences."),
+    "train.flop_budget": (0.0, "Training compute budget in FLOPs, used when steps = 0 (steps = budget / (FLOPs per "
+                               "token x tokens per step))."),
+    "train.batch_size": (32, "Global batch size in sequences (split over all devices)."),
+    "train.grad_accum_steps": (1, "Micro-batches per optimizer step: each device computes batch_size / "
+                                  "grad_accum_steps sequences at a time."),
+    "train.seed": (0, "Seed for parameter init, data order and dropout."),
+    "train.learning_rate": (0.001, "Peak learning rate, reached after warmup_steps."),
+    "train.warmup_steps": (100, "Linear warmup steps from learning_rate / warmup_steps up to learning_rate."),
+    "train.min_lr_ratio": (0.1, "The cosine schedule decays to learning_rate x min_lr_ratio at the last step."),
+    "train.weight_decay": (0.1, "AdamW decoupled weight decay, applied to weight matrices only."),
+    "train.b1": (0.9, "AdamW first-moment decay."),
+    "train.b2": (0.95, "AdamW second-moment decay."),
+    "train.loss_chunk_tokens": (-1, "Output layer + loss in chunks of this many tokens with the gradient fused in; 0 "
+                                    "= plain full logits; -1 = auto: fused (1024) on CPU, where it is faster and "
+                                    "saves memory; plain on GPU/TPU, where it is not faster, and on Metal, where it "
+                                    "was never measured."),
+    "train.parallelism": ("auto", "Data parallelism over several devices: 'shard_map' (per-device gradients, one "
+                                  "written-out pmean per step), 'jit' (XLA splits the step and places the "
+                                  "collectives, once per micro-batch) or 'auto' (shard_map for replicated state, jit "
+                                  "for fsdp); the same numbers either way."),
+    "train.sharding": ("replicated", "Where parameters and optimizer state live: 'replicated' (a full copy on every "
+                                     "device) or 'fsdp' (ZeRO-3: each array split over the devices along its largest "
+                                     "divisible dimension, gathered only where the step uses it; compiled through "
+                                     "jit, so the state and the step's own memory per device both shrink)."),
+    "train.grad_clip": (1.0, "Clip gradients to this global norm (0 disables clipping)."),
+    "train.profile_steps": ("", "Record a jax.profiler trace of steps FIRST:LAST (e.g. '20:25', after compilation) in "
+                                "<workdir>/profile, for TensorBoard's profile plugin or Perfetto (ui.perfetto.dev); "
+                                "'' records none."),
+    "train.wandb_project": ("", "Also log the metrics to this Weights & Biases project ('' = off, and wandb is not "
+                                "imported); the run is named after the workdir and a resumed run continues it. "
+                                "WANDB_MODE=offline keeps it on disk (`wandb sync` later)."),
+    "train.log_every": (10, "Print and log metrics every this many steps (the training loss logged is the mean over "
+                            "those steps)."),
+    "train.eval_every": (200, "Evaluate on held-out data every this many steps (0 disables)."),
+    "train.checkpoint_every": (500, "Save a checkpoint every this many steps (and always at the end)."),
+    "train.keep_checkpoints": (3, "Keep only the newest this many checkpoints."),
+    "train.eval_steps": (20, "Held-out batches per evaluation (0 = the whole validation split)."),
+    "train.decay_embeddings": (True, "Apply weight decay to the token/position embeddings too (nanoGPT does; they are "
+                                     "matrices)."),
+    "train.async_checkpoints": (True, "Save checkpoints in the background while training continues."),
+    "train.peak_flops": (0.0, "Peak FLOP/s of one device for MFU; 0 = datasheet value for known devices, else a "
+                              "measured matmul (measured once per machine, JAX version and dtype, and kept in "
+                              "~/.cache/gptjax/peak_flops.json)."),
+    "train.remeasure_peak": (False, "Measure the matmul peak again instead of using the kept one (after a hardware or "
+                                    "driver change)."),
+    "train.compilation_cache": (True, "Keep compiled programs in ~/.cache/gptjax/jax (JAX's persistent compilation "
+                                      "cache), so a rerun or a resume does not compile them again; sample and "
+                                      "evaluate use it too (off on jax-metal and before jax 0.10)."),
+    "train.platform": ("", "JAX platform: '' lets JAX choose (GPU > CPU); 'cpu', 'gpu', 'tpu' or 'METAL' force one."),
+    "train.coordinator_address": ("", "Multi-process runs: the coordinator's host:port ('' = single process), process "
+                                      "count and this process's id."),
+    "train.num_processes": (1, "Number of processes in a multi-process run."),
+    "train.process_id": (0, "This process's index in a multi-process run."),
+}
+
+
 def base_config() -> ml_collections.ConfigDict:
-    """The defaults: the seed's model (about 20M parameters) and a training setup that works on one device."""
+    """The defaults in KEYS: the seed's model (about 20M parameters) and a training setup that works on one device."""
     config = ml_collections.ConfigDict()
-
-    config.model = model = ml_collections.ConfigDict()
-    # Tokenizer vocabulary size (GPT-2 BPE: 50257); the embedding is padded to a multiple of vocab_multiple.
-    model.vocab_size = 50257
-    # Pad the vocabulary up to a multiple of this for faster matmuls; padded ids can never be predicted.
-    model.vocab_multiple = 64
-    # Context window in tokens (the longest sequence the model sees).
-    model.max_len = 256
-    # Number of transformer blocks.
-    model.n_layer = 8
-    # Attention heads per block; must divide d_model.
-    model.n_head = 8
-    # Width of the residual stream.
-    model.d_model = 256
-    # Hidden width of the MLP (4 x d_model, as GPT-2).
-    model.d_ff = 1024
-    # Position information: 'sinusoidal' (fixed, Vaswani et al.), 'learned' (GPT-2) or 'rope' (rotary).
-    model.pos_embedding = "sinusoidal"
-    # MLP nonlinearity: 'relu', 'gelu' (tanh approximation, as GPT-2) or 'gelu_exact' (erf, as Hugging Face's 'gelu').
-    model.activation = "relu"
-    # Biases in Dense and LayerNorm layers (GPT-2 has them).
-    model.use_bias = True
-    # Output layer shares the token embedding matrix (GPT-2 does); False gives a separate lm_head.
-    model.tie_embeddings = True
-    # Dropout on embeddings and residual branches; 0 is right for single-epoch pretraining.
-    model.dropout = 0.0
-    # Compute dtype: 'float32' (the Metal default) or 'bfloat16' (GPU/TPU); parameters stay float32.
-    model.dtype = "float32"
-    # LayerNorm epsilon (GPT-2: 1e-5).
-    model.layer_norm_eps = 1e-5
-    # Base of the rotary frequencies when pos_embedding = 'rope'.
-    model.rope_base = 10000.0
-    # Attention kernel for whole sequences (training, evaluation): 'xla' (jax.nn.dot_product_attention), 'chunked'
-    # (a few sequences at a time, faster on CPU), 'cudnn' (cuDNN's fused attention on an NVIDIA GPU in bfloat16, else
-    # xla after a note) or 'auto' (chunked on CPU, xla elsewhere). All compute the same function.
-    model.attention = "auto"
-    # Run the blocks as one Block under nn.scan (parameters stacked [n_layer, ...]): one compiled block instead of
-    # n_layer, for deep models. Checkpoints and converted weights follow the layout; the numbers do not change.
-    model.scan_layers = False
-    # Recompute each block's activations in the backward pass instead of storing them: 'none', 'full' (store only
-    # the block inputs) or 'dots_saveable' (keep the matmul outputs, recompute the rest). Same numbers, less memory.
-    model.remat = "none"
-
-    config.data = data = ml_collections.ConfigDict()
-    # Where documents come from: 'text' (local files), 'tfds' (TensorFlow Datasets) or 'hf' (Hugging Face datasets).
-    data.source = "text"
-    # Dataset name for 'tfds' (e.g. 'wikipedia/20230601.en') or 'hf' (e.g. 'wikimedia/wikipedia').
-    data.name = ""
-    # Local files for 'text': a path or glob of .txt, .jsonl or .parquet files.
-    data.path = ""
-    # Field that holds the document text in TFDS / HF / jsonl / parquet records.
-    data.text_field = "text"
-    # Tokens per training sequence; follows model.max_len unless set (setting it leaves model.max_len alone).
-    data.seq_len = model.get_ref("max_len") * 1  # a derived reference: a plain one would be shared both ways
-    # Tokenizer: 'gpt2' (the offline GPT-2 BPE) or a Hugging Face tokenizer directory.
-    data.tokenizer = "gpt2"
-    # Split of the TFDS / HF dataset to read (held-out documents are carved out of it, see eval_fraction).
-    data.split = "train"
-    # Hugging Face dataset config name (e.g. '20231101.en' for wikimedia/wikipedia).
-    data.hf_config = ""
-    # Stream Hugging Face datasets instead of downloading them whole first.
-    data.streaming = True
-    # Local TFDS data directory ('' = TFDS's default, ~/tensorflow_datasets).
-    data.data_dir = ""
-    # How .txt files split into documents: 'file' (one per file) or 'blank_lines' (separated by empty lines).
-    data.txt_documents = "file"
-    # Invalid UTF-8 in the corpus: 'strict' stops with an error naming the file, 'replace' substitutes U+FFFD.
-    data.utf8_errors = "strict"
-    # Fraction of documents held out for validation (every round(1/fraction)-th document).
-    data.eval_fraction = 0.005
-    # Where the tokenized corpus is cached ('' = <workdir>/data); share it between runs of the same data.
-    data.cache_dir = ""
-    # Tokens per cache shard file (uint16 on disk: 2 bytes a token).
-    data.shard_tokens = 50_000_000
-
-    config.train = train = ml_collections.ConfigDict()
-    # Optimizer steps; 0 derives them from flop_budget.
-    train.steps = 1000
-    # Start from the parameters of another run's latest checkpoint (a workdir, e.g. from gptjax.convert); '' = no.
-    train.init_from = ""
-    # Pause at this step (checkpoint saved) and exit; rerun the same command to go on. 0 = run to the end.
-    train.stop_at_step = 0
-    # Resume even if the token cache, batch_size, seq_len or seed differ from the checkpoint's (which tokens come
-    # next then changes); by default such a resume is refused, naming the differences.
-    train.accept_data_change = False
-    # Training compute budget in FLOPs, used when steps = 0 (steps = budget / (FLOPs per token x tokens per step)).
-    train.flop_budget = 0.0
-    # Global batch size in sequences (split over all devices).
-    train.batch_size = 32
-    # Micro-batches per optimizer step: each device computes batch_size / grad_accum_steps sequences at a time.
-    train.grad_accum_steps = 1
-    # Seed for parameter init, data order and dropout.
-    train.seed = 0
-    # Peak learning rate, reached after warmup_steps.
-    train.learning_rate = 1e-3
-    # Linear warmup steps from learning_rate / warmup_steps up to learning_rate.
-    train.warmup_steps = 100
-    # The cosine schedule decays to learning_rate x min_lr_ratio at the last step.
-    train.min_lr_ratio = 0.1
-    # AdamW decoupled weight decay, applied to weight matrices only.
-    train.weight_decay = 0.1
-    # AdamW first-moment decay.
-    train.b1 = 0.9
-    # AdamW second-moment decay.
-    train.b2 = 0.95
-    # Output layer + loss in chunks of this many tokens with the gradient fused in; 0 = plain full logits;
-    # -1 = auto: fused (1024) on CPU, where it is faster and saves memory; plain on GPU/TPU, where it is not faster,
-    # and on Metal, where it was never measured.
-    train.loss_chunk_tokens = -1
-    # Data parallelism over several devices: 'shard_map' (per-device gradients, one written-out pmean per step),
-    # 'jit' (XLA splits the step and places the collectives, once per micro-batch) or 'auto' (shard_map for
-    # replicated state, jit for fsdp); the same numbers either way.
-    train.parallelism = "auto"
-    # Where parameters and optimizer state live: 'replicated' (a full copy on every device) or 'fsdp' (ZeRO-3: each
-    # array split over the devices along its largest divisible dimension, gathered only where the step uses it;
-    # compiled through jit, so the state and the step's own memory per device both shrink).
-    train.sharding = "replicated"
-    # Clip gradients to this global norm (0 disables clipping).
-    train.grad_clip = 1.0
-    # Record a jax.profiler trace of steps FIRST:LAST (e.g. '20:25', after compilation) in <workdir>/profile, for
-    # TensorBoard's profile plugin or Perfetto (ui.perfetto.dev); '' records none.
-    train.profile_steps = ""
-    # Also log the metrics to this Weights & Biases project ('' = off, and wandb is not imported); the run is named
-    # after the workdir and a resumed run continues it. WANDB_MODE=offline keeps it on disk (`wandb sync` later).
-    train.wandb_project = ""
-    # Print and log metrics every this many steps (the training loss logged is the mean over those steps).
-    train.log_every = 10
-    # Evaluate on held-out data every this many steps (0 disables).
-    train.eval_every = 200
-    # Save a checkpoint every this many steps (and always at the end).
-    train.checkpoint_every = 500
-    # Keep only the newest this many checkpoints.
-    train.keep_checkpoints = 3
-    # Held-out batches per evaluation (0 = the whole validation split).
-    train.eval_steps = 20
-    # Apply weight decay to the token/position embeddings too (nanoGPT does; they are matrices).
-    train.decay_embeddings = True
-    # Save checkpoints in the background while training continues.
-    train.async_checkpoints = True
-    # Peak FLOP/s of one device for MFU; 0 = datasheet value for known devices, else a measured matmul (measured once
-    # per machine, JAX version and dtype, and kept in ~/.cache/gptjax/peak_flops.json).
-    train.peak_flops = 0.0
-    # Measure the matmul peak again instead of using the kept one (after a hardware or driver change).
-    train.remeasure_peak = False
-    # Keep compiled programs in ~/.cache/gptjax/jax (JAX's persistent compilation cache), so a rerun or a resume
-    # does not compile them again; sample and evaluate use it too (off on jax-metal and before jax 0.10).
-    train.compilation_cache = True
-    # JAX platform: '' lets JAX choose (GPU > CPU); 'cpu', 'gpu', 'tpu' or 'METAL' force one.
-    train.platform = ""
-    # Multi-process runs: the coordinator's host:port ('' = single process), process count and this process's id.
-    train.coordinator_address = ""
-    # Number of processes in a multi-process run.
-    train.num_processes = 1
-    # This process's index in a multi-process run.
-    train.process_id = 0
-
+    for group in ("model", "data", "train"):
+        config[group] = ml_collections.ConfigDict(
+            {key.split(".")[1]: default for key, (default, _) in KEYS.items() if key.startswith(group + ".")})
+    # A derived reference: data.seq_len follows model.max_len until it is set, and setting it leaves max_len alone
+    # (a plain reference would be shared both ways).
+    config.data.seq_len = config.model.get_ref("max_len") * 1
     return config
 
 
@@ -321,29 +291,13 @@ def build_model_config(model: Mapping[str, Any]) -> ModelConfig:
     return cfg
 
 
-def key_comments() -> dict[str, str]:
-    """'group.key' -> the comment above it in `base_config` (every key has one; a test makes sure)."""
-    comments, above = {}, []
-    for line in inspect.getsource(base_config).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("# "))
-        elif stripped.startswith(("model.", "data.", "train.")) and " = " in stripped:
-            comments[stripped.split(" = ")[0]] = " ".join(above)
-            above = []
-        else:
-            above = []
-    return comments
-
-
 def describe_keys(config: ml_collections.ConfigDict) -> str:
     """Every key of `config` as `group.key = value    # comment`, group by group."""
-    comments = key_comments()
     lines = []
     for group in ("model", "data", "train"):
         for name, value in config[group].items():
             key = f"{group}.{name}"
-            lines.append(f"{key} = {value!r}\n    # {comments.get(key, '')}")
+            lines.append(f"{key} = {value!r}\n    # {KEYS[key][1]}")
     return "\n".join(lines)
 
 
@@ -361,56 +315,8 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def check_key(config: ml_collections.ConfigDict, key: str) -> None:
-    """Raises a UserError naming `key` and the valid keys beside it if `key` is not in the config."""
-    node = config
-    path = []
-    for part in key.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            where = ".".join(path) or "the config"
-            raise UserError(f"unknown config key {key!r}: {where} has no {part!r}; valid keys there: {valid}")
-        node = node[part]
-        path.append(part)
-
-
-
-def check_command_line(argv: list[str], default_config: str) -> None:
-    """Checks `--config PATH` and every `--config.group.key=value` in argv before absl parses them.
-
-    ml_collections reports a missing file or an unknown key with a long traceback; this turns both into one
-    UserError line that names the problem, so entry points call it first.
-    """
-    path = default_config
-    keys = []
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg.startswith("--config."):
-            keys.append(arg[len("--config."):].split("=", 1)[0])
-    config = load_config_file(path)
-    for key in keys:
-        check_key(config, key)
-
-
-def define_config_flag(default_config: str):
-    """The `--config` flag (plus `--config.group.key=value` overrides) of an entry point, checked first.
-
-    Call it under `if __name__ == "__main__":`: ml_collections reads the command line as soon as the flag is
-    defined, so the one-line checks of `check_command_line` must run before it.
-    """
-    from ml_collections import config_flags
-
-    with exit_on_user_error():
-        check_command_line(sys.argv[1:], default_config)
-    return config_flags.DEFINE_config_file("config", default_config, "Experiment config file (get_config()).",
-                                           lock_config=True)
-
-
 if __name__ == "__main__":
     from gptjax import cli
 
-    _CONFIG = define_config_flag("experiments/tiny.py")
+    _CONFIG = cli.define_config_flag("experiments/tiny.py")
     cli.run(lambda: print(describe_keys(_CONFIG.value)))

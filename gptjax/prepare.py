@@ -9,7 +9,7 @@ import json
 from absl import flags
 
 from gptjax import cli, input_pipeline, interrupts
-from gptjax.configs import define_config_flag, validate
+from gptjax.configs import validate
 from gptjax.errors import check_workdir
 
 
@@ -28,7 +28,7 @@ def main():
 
 
 if __name__ == "__main__":
-    _CONFIG = define_config_flag("experiments/tiny.py")
+    _CONFIG = cli.define_config_flag("experiments/tiny.py")
     flags.DEFINE_string("workdir", "runs/default", "Run directory; the cache goes to <workdir>/data unless "
                         "data.cache_dir is set.")
     cli.run(main)

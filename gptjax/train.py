@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gptjax import checkpoints, cli, hardware, input_pipeline, interrupts, kernels, sampling
 from gptjax.evaluate import evaluate_loss
 from gptjax import train_step as steps_lib
-from gptjax.configs import build_model_config, define_config_flag, profile_steps, validate
+from gptjax.configs import build_model_config, profile_steps, validate
 from gptjax.errors import UserError, check_workdir
 from gptjax.metrics import MetricsLog
 from gptjax.model import ModelConfig
@@ -537,6 +537,6 @@ def main():
 
 
 if __name__ == "__main__":
-    _CONFIG = define_config_flag("experiments/tiny.py")
+    _CONFIG = cli.define_config_flag("experiments/tiny.py")
     flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, logs, token cache.")
     cli.run(main)

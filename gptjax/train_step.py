@@ -2,10 +2,10 @@
 
 Nothing here touches files or the clock. `make_train_step` returns `train_step(state, batch) -> (state, metrics)`,
 compiled once; on several devices it runs data-parallel: the batch is split over a 1-D device mesh ('data'), each
-device computes gradients on its rows (`shard_map`, the modern spelling of pmap) and one `pmean` averages them,
-once per step. Parameters and optimizer state are replicated, or with train.sharding='fsdp' split over the devices
-(`state_sharding`) and the step compiled by plain jit, which leaves the split of the computation to XLA: it gathers
-each parameter where it is used and reduce-scatters its gradient (`resolve_parallelism`).
+device runs the step on its rows (`shard_map`, the modern spelling of pmap) and one `pmean` in it averages the
+gradients, once per step. Parameters and optimizer state are replicated, or with train.sharding='fsdp' split over
+the devices (`state_sharding`) and the step compiled by plain jit, which leaves the split of the computation to
+XLA: it gathers each parameter where it is used and reduce-scatters its gradient (`resolve_parallelism`).
 """
 
 import functools
@@ -110,49 +110,36 @@ def output_matrix(params, cfg) -> jax.Array:
     return params["token_embedding"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"].T
 
 
+def train_step(state: TrainState, batch_AxBxT1, *, model: GPT, optimizer: optax.GradientTransformation,
+               dropout_rng, loss_chunk: int = 0, axis_name: str | None = None):
+    """One optimizer step on A micro-batches of B sequences -> (new state, metrics). The whole of it:
 
-
-def mean_gradients(params, batch_AxBxT1, step_rng, *, model: GPT, use_dropout: bool, loss_chunk: int = 0):
-    """(gradients, loss) of the mean next-token loss over A micro-batches of B sequences.
-
-    Accumulating with `lax.scan` means memory holds one micro-batch's activations at a time, and k micro-batches
-    give the same gradient as one batch k times larger.
+    1. the gradient of each micro-batch's mean next-token loss, summed by `lax.scan`: memory holds one micro-batch's
+       activations at a time, and A micro-batches give the gradient of one batch A times larger;
+    2. with `axis_name`, where this function runs once per device on that device's rows of the batch (`shard_map`
+       in `make_train_step`), one `pmean` averages the gradients over the devices: data parallelism's all-reduce,
+       once per step and not once per micro-batch. Without it the step sees the whole batch: one device, or plain
+       jit over sharded arrays, where XLA splits the work and places the collectives itself;
+    3. the optimizer's update of the parameters and of its own state.
     """
+    step_rng = jax.random.fold_in(dropout_rng, state.step)  # nothing random has to be saved in checkpoints
+    if axis_name is not None:
+        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))  # each device its own dropout masks
+    use_dropout = model.config.dropout > 0
 
     def accumulate(grad_sum, micro):
         index, micro_batch_BxT1 = micro
         rng = jax.random.fold_in(step_rng, index) if use_dropout else None
-        loss, grads = jax.value_and_grad(next_token_loss)(params, micro_batch_BxT1, model, rng, loss_chunk)
+        loss, grads = jax.value_and_grad(next_token_loss)(state.params, micro_batch_BxT1, model, rng, loss_chunk)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     num_micro = batch_AxBxT1.shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
     grad_sum, losses_A = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), batch_AxBxT1))
-    return jax.tree.map(lambda g: g / num_micro, grad_sum), losses_A.mean()
+    grads, loss = jax.tree.map(lambda g: g / num_micro, grad_sum), losses_A.mean()
+    if axis_name is not None:
+        grads, loss = jax.lax.pmean((grads, loss), axis_name)  # where the devices' gradients meet
 
-
-def data_parallel(gradients, mesh: Mesh):
-    """`gradients(params, batch, rng)` run by every device on its own rows of the batch, then averaged over the
-    devices with one `pmean`: data parallelism with its all-reduce written out.
-
-    Each device accumulates its micro-batches locally, so the gradients cross devices once per step. (Under plain
-    jit with the batch sharded, XLA placed that all-reduce inside the accumulation loop: once per micro-batch.)
-    """
-
-    def per_device(params, batch_AxbxT1, step_rng):  # b = B / devices rows of each micro-batch
-        device_rng = jax.random.fold_in(step_rng, jax.lax.axis_index("data"))  # each device its own dropout masks
-        grads, loss = gradients(params, batch_AxbxT1, device_rng)
-        return jax.lax.pmean((grads, loss), "data")
-
-    return shard_map(per_device, mesh, in_specs=(PartitionSpec(), PartitionSpec(None, "data"), PartitionSpec()),
-                     out_specs=(PartitionSpec(), PartitionSpec()))
-
-
-def train_step(state: TrainState, batch_AxBxT1, *, gradients, optimizer: optax.GradientTransformation, dropout_rng):
-    """One optimizer step on A micro-batches of B sequences, with `gradients(params, batch, rng) -> (grads, loss)`
-    (`mean_gradients`, data-parallel over the devices)."""
-    step_rng = jax.random.fold_in(dropout_rng, state.step)  # nothing random has to be saved in checkpoints
-    grads, loss = gradients(state.params, batch_AxBxT1, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     new_params_norm = optax.tree.norm(new_state.params)
@@ -212,17 +199,20 @@ def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransfor
                     seed: int, donate: bool, loss_chunk: int = 0, parallelism: str = "shard_map"):
     """`train_step(state, batch [A, B, T1]) -> (state, metrics)`, jitted with the batch split over `mesh`.
 
-    parallelism = 'shard_map': each device computes the gradients of its rows and `data_parallel` averages them with
-    one written-out `pmean`. 'jit': the same `mean_gradients` on the whole batch, and XLA's partitioner splits it
+    parallelism = 'shard_map': the step runs once per device on its rows of the batch, with the state whole on each,
+    and its `pmean` averages the gradients. 'jit': the step sees the whole batch, and XLA's partitioner splits it
     over the devices and inserts the collectives itself (where it likes: inside the micro-batch loop, measured);
-    the form fsdp needs (see `resolve_parallelism`). Both give the same numbers (tests/test_train.py).
+    the form fsdp needs (see `resolve_parallelism`). Both give the same numbers (tests/test_train.py). On one device
+    there is nothing to average and the step is jitted as it is: wrapped in shard_map there, it ran 1.5-2% slower
+    (m1 shape, CPU, taking turns).
     """
-    gradients = functools.partial(mean_gradients, model=GPT(model_config), use_dropout=model_config.dropout > 0,
-                                  loss_chunk=loss_chunk)
-    if parallelism == "shard_map":
-        gradients = data_parallel(gradients, mesh)
-    step = functools.partial(train_step, gradients=gradients, optimizer=optimizer,
-                             dropout_rng=jax.random.key(seed + 1))
+    per_device = parallelism == "shard_map" and mesh.size > 1
+    step = functools.partial(train_step, model=GPT(model_config), optimizer=optimizer,
+                             dropout_rng=jax.random.key(seed + 1), loss_chunk=loss_chunk,
+                             axis_name="data" if per_device else None)
+    if per_device:  # in: the state whole, the batch split along its B axis; out: the same state and metrics on each
+        step = shard_map(step, mesh, in_specs=(PartitionSpec(), PartitionSpec(None, "data")),
+                         out_specs=(PartitionSpec(), PartitionSpec()))
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,) if donate else ())

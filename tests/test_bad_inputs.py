@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gptjax import hardware, input_pipeline
-from gptjax.configs import base_config, build_model_config, describe_keys, key_comments, load_config_file, validate
+from gptjax.configs import base_config, build_model_config, KEYS, describe_keys, load_config_file, validate
 from gptjax.errors import UserError
 from gptjax.train import save_on_interrupt, summary, train_and_evaluate
 from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
@@ -108,10 +108,10 @@ def test_help_exits_0_and_shows_config_and_how_to_list_the_keys():
 
 def test_every_key_is_listed_with_its_comment():
     config = load_config_file(TINY)
-    comments = key_comments()
-    for group in ("model", "data", "train"):
-        for name in config[group]:
-            assert comments[f"{group}.{name}"], f"{group}.{name} has no comment"
+    assert [f"{group}.{name}" for group in ("model", "data", "train") for name in config[group]] == sorted(
+        KEYS, key=lambda key: (("model", "data", "train").index(key.split(".")[0]), key))
+    for key, (_, meaning) in KEYS.items():
+        assert meaning.endswith(".") and "  " not in meaning, key
     assert "model.n_layer = 2\n    # Number of transformer blocks." in describe_keys(config)
 
 

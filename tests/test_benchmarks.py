@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow  # each runs a benchmark: `pytest -m "not slow"` s
 
 
 def test_benchmark_suite_reports_ratios_against_the_measured_peak():
-    result = run_module("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--repeats", "1", timeout=600)
+    result = run_module("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--repeats", "1",
+                        "--new_tokens", "8", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["train_tokens_per_second"] > 0 and report["eval_tokens_per_second"] > 0
@@ -38,7 +39,8 @@ def test_benchmark_overrides_are_checked_before_anything_runs():
 def test_layers_benchmark_measures_every_layout_with_every_kernel_and_loss():
     from benchmarks import layers
 
-    report = layers.main(["--config", os.path.join(REPO_ROOT, "experiments/tiny.py"), "--n_layer", "2", "--batch_size", "2", "--steps", "1",
+    report = layers.main(["--config", os.path.join(REPO_ROOT, "experiments/tiny.py"), "--n_layer", "1",
+                          "--batch_size", "1", "--steps", "1",
                           "--layouts", "unrolled:none,unrolled:full", "--attention", "xla,chunked",
                           "--loss_chunk_tokens", "64"])
     # Two values in two of the three axes show the product (each compile costs seconds; the plain loss is tested
@@ -55,8 +57,8 @@ def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():
     from benchmarks.run import head_to_head, make_train_step
 
     # More new tokens than tiny's context: gptjax slides its window, the reference is held to its context.
-    report = head_to_head(make_train_step(load_config_file(os.path.join(REPO_ROOT, "experiments/tiny.py")), batch_size=4, accum=1), rounds=1,
-                          new_tokens=100)
+    config = load_config_file(os.path.join(REPO_ROOT, "experiments/tiny.py"))
+    report = head_to_head(make_train_step(config, batch_size=4, accum=1), rounds=1, new_tokens=100)
     assert report["torch_train_tokens_per_second"] > 0
     assert report["train_speed_vs_torch"] == pytest.approx(
         report["head_to_head_train_tokens_per_second"] / report["torch_train_tokens_per_second"])

@@ -12,11 +12,13 @@ import pytest
 
 from gptjax import sampling
 from gptjax.checkpoints import load_for_inference
+from gptjax.configs import load_config_file
 from gptjax.convert import convert
 from gptjax.errors import UserError
 from gptjax.model import GPT
 from gptjax.tokenizer import load_tokenizer
-from tests.test_train import read_metrics, run_module, small_config
+from gptjax.train import train_and_evaluate
+from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
 
 pytestmark = pytest.mark.slow  # PyTorch models and training runs: `pytest -m "not slow"` skips them
 
@@ -87,7 +89,6 @@ def test_sample_and_fine_tune_from_a_converted_checkpoint(hf_gpt2, tmp_path):
     result = run_module("gptjax.convert", f"--hf={directory}", f"--workdir={converted}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["model"]["n_layer"] == 2
-    from gptjax.train import train_and_evaluate
 
     config = small_config(steps=3, init_from=converted)
     config.model.update(dict(max_len=32, n_layer=2, n_head=4, d_model=64, d_ff=256, pos_embedding="learned",
@@ -126,11 +127,13 @@ def test_the_readme_fine_tuning_recipe_runs_end_to_end(hf_gpt2, tmp_path):
             "model.dtype='float32' there, 'bfloat16' here (these may change)") in result.stdout
     sample = run_module("gptjax.sample", f"--workdir={finetuned}", "--prompt=The", "--max_new_tokens=5")
     assert sample.returncode == 0 and sample.stdout.startswith("The"), sample.stderr[-2000:]
-    shape_change = run_module("gptjax.train", "--config", "experiments/gpt2_small.py", f"--workdir={tmp_path / 'x'}",
-                              f"--config.train.init_from={converted}", *shape[:-1], "--config.model.d_ff=128",
-                              "--config.data.source=python_docs", "--config.train.eval_every=0")
-    assert shape_change.returncode == 2
-    assert "another model shape (model.d_ff=256 there, 128 here)" in shape_change.stderr
+    # Another shape is refused (in this process: the command's one-line form of a UserError is tested in
+    # test_train.py's test_checkpoint_from_another_shape_is_a_clear_error).
+    shape_change = load_config_file(os.path.join(REPO_ROOT, "experiments/gpt2_small.py"))
+    shape_change.model.update(max_len=32, n_layer=2, n_head=4, d_model=64, d_ff=128)
+    shape_change.data.source, shape_change.train.init_from = "python_docs", converted
+    with pytest.raises(UserError, match=r"another model shape \(model.d_ff=256 there, 128 here\)"):
+        train_and_evaluate(shape_change, str(tmp_path / "x"), progress=False)
 
 
 def test_export_to_hugging_face_round_trips_with_equal_logits(hf_gpt2, tmp_path):
@@ -158,7 +161,6 @@ def test_export_to_hugging_face_round_trips_with_equal_logits(hf_gpt2, tmp_path)
 
 
 def test_export_refuses_layouts_gpt2_cannot_express(tmp_path):
-    from gptjax.train import train_and_evaluate
 
     train_and_evaluate(small_config(steps=1), str(tmp_path / "run"), progress=False)  # sinusoidal positions, ReLU
     result = run_module("gptjax.convert", f"--workdir={tmp_path / 'run'}", f"--to_hf={tmp_path / 'hf'}")
@@ -214,7 +216,6 @@ def test_exact_gelu_converts_to_equal_logits_and_exports_back(tmp_path):
 
 
 def test_a_converted_checkpoint_holds_parameters_only_and_trains_in_place(hf_gpt2, tmp_path):
-    from gptjax.train import train_and_evaluate
 
     _, directory = hf_gpt2
     converted = str(tmp_path / "converted")

@@ -128,33 +128,25 @@ def test_scan_layers_is_one_line_where_flax_cannot_scan():
 
 @pytest.mark.slow
 @needs_scan
-def test_train_and_sample_with_scan_layers_and_remat(tmp_path):
+def test_the_layout_is_a_pure_layout_switch_and_a_scanned_run_samples(tmp_path):
     from gptjax.train import train_and_evaluate
 
-    config = small_config(steps=4, checkpoint_every=2)
-    config.model.update(scan_layers=True, remat="dots_saveable")
-    train_and_evaluate(config, str(tmp_path), progress=False)
-    assert len(read_metrics(str(tmp_path))) == 4
-    params, cfg, _ = checkpoints.load_for_inference(str(tmp_path))
-    assert cfg.scan_layers and params["blocks"]["mlp"]["fc"]["kernel"].shape == (2, 32, 64)
-    tokens = sampling.generate(params, cfg, [50256], jax.random.key(0), max_new_tokens=5)
-    assert tokens.shape == (1, 5)
-
-
-@pytest.mark.slow
-@needs_scan
-def test_the_layout_is_a_pure_layout_switch_from_the_same_seed(tmp_path):
-    from gptjax.train import train_and_evaluate
-
-    # Fresh runs from one seed: the same initial numbers (stacked), so the same losses, in either layout.
+    # Fresh runs from one seed: the same initial numbers (stacked), so the same losses, in either layout (remat
+    # changes what is stored for the backward pass, not the numbers).
     runs = {}
     for scan_layers in (False, True):
-        config = small_config(steps=3)
-        config.model.scan_layers = scan_layers
+        config = small_config(steps=3, checkpoint_every=3)
+        config.model.update(scan_layers=scan_layers, remat="dots_saveable" if scan_layers else "none")
         train_and_evaluate(config, str(tmp_path / str(scan_layers)), progress=False)
         runs[scan_layers] = [m["loss"] for m in read_metrics(str(tmp_path / str(scan_layers)))]
     assert len(runs[True]) == 3
     np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)
+    # The scanned run's checkpoint loads in its layout and samples.
+    params, cfg, _ = checkpoints.load_for_inference(str(tmp_path / "True"))
+    assert cfg.scan_layers and cfg.remat == "dots_saveable"
+    assert params["blocks"]["mlp"]["fc"]["kernel"].shape == (2, 32, 64)
+    tokens = sampling.generate(params, cfg, [50256], jax.random.key(0), max_new_tokens=5)
+    assert tokens.shape == (1, 5)
     cfg = build_model_config(small_config().model)
     fresh = init_params(cfg.replace(scan_layers=True), jax.random.key(0))
     assert_trees_close(unstack_blocks(fresh, cfg.n_layer), init_params(cfg, jax.random.key(0)), 0, 0)

@@ -257,8 +257,8 @@ def test_compiled_programs_are_kept_on_disk_unless_turned_off(tmp_path):
     assert sorted(os.listdir(programs)) == kept  # loaded, not compiled and written again
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_saves_a_restorable_checkpoint(tmp_path, signal_number):
+def test_ctrl_c_saves_a_restorable_checkpoint(tmp_path):
+    # SIGTERM (a scheduler's stop) takes the same path: test_a_signal_to_one_process_stops_both_at_the_same_step.
     workdir = str(tmp_path)
     process = run_train_command(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=100000")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -267,7 +267,7 @@ def test_interrupt_saves_a_restorable_checkpoint(tmp_path, signal_number):
             os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3):
         time.sleep(0.2)
     assert process.poll() is None, process.communicate()[1][-3000:]
-    process.send_signal(signal_number)
+    process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert "Interrupted: saving step" in stderr
@@ -305,9 +305,9 @@ class Output:
 def test_ctrl_c_before_the_first_step_stops_says_so_and_saves_nothing(tmp_path, phase):
     from pydoc_data.topics import topics
 
-    corpus = tmp_path / "corpus"  # ~9 MB of English: tokenizing takes seconds
+    corpus = tmp_path / "corpus"  # ~9 MB of English to catch tokenizing (seconds); one part to reach the compile
     corpus.mkdir()
-    for i in range(20):
+    for i in range(20 if phase == "tokenizing" else 1):
         (corpus / f"part{i:02d}.txt").write_text("\n\n".join(topics[name] for name in sorted(topics)))
     workdir = str(tmp_path / "run")
     process = run_train_command(workdir, "--config.data.source=text", f"--config.data.path={corpus}/*.txt",
@@ -518,11 +518,12 @@ def start_two_processes(workdir, *overrides):
             for i in range(2)]
 
 
-@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])  # fsdp: each process holds and saves half of the state
-def test_two_processes_train_like_one(tmp_path, sharding):
+def test_two_processes_with_fsdp_train_like_one(tmp_path):
+    # Each process holds and saves half of the state. Two replicated processes (the default) are compared with one
+    # in test_a_signal_to_one_process_stops_both_at_the_same_step.
     common = ["--config.train.steps=3", "--config.train.checkpoint_every=3", "--config.train.async_checkpoints=false"]
     train_and_evaluate(command_config(steps=3, checkpoint_every=3), str(tmp_path / "single"), progress=False)
-    workers = start_two_processes(str(tmp_path / "multi"), *common, f"--config.train.sharding={sharding}")
+    workers = start_two_processes(str(tmp_path / "multi"), *common, "--config.train.sharding=fsdp")
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-3000:]
@@ -546,6 +547,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     workers[1].send_signal(signal.SIGTERM)  # the second process only
     outputs = [w.communicate(timeout=240) for w in workers]
     assert [w.returncode for w in workers] == [130, 130], [err[-2000:] for _, err in outputs]
+    assert "2 process(es)" in outputs[0][0]
     saved = checkpoints.make_manager(multi).all_steps()
     assert len(saved) == 1 and saved[0] >= 3, saved  # one checkpoint, written by both processes together
     assert f"Interrupted: saving step {saved[0]}" in outputs[0][1]
