@@ -1,4 +1,4 @@
-"""Which devices a run uses, and their peak FLOP/s for MFU (model FLOPs utilisation).
+"""Which devices a run uses (and the other processes of a multi-process run), and their peak FLOP/s for MFU (model FLOPs utilisation).
 
 MFU = (FLOPs per token x tokens per second) / peak FLOP/s. The peak is a known datasheet number for common
 accelerators; on a CPU (or an unknown device) it is measured: the best of jitted square matmuls of several sizes,
@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 # Dense peak FLOP/s per device by jax device_kind, (float32, bfloat16). On NVIDIA GPUs JAX runs float32 matmuls as
 # TF32 on the tensor cores by default (jax_default_matmul_precision), so the float32 column is the dense TF32 peak.
@@ -169,3 +170,24 @@ def use_compilation_cache(enabled: bool = True) -> None:
 def supports_donation() -> bool:
     """jax-metal ignores buffer donation (and warns every step), so it is only asked for elsewhere."""
     return jax.default_backend().lower() not in ("metal",)
+
+
+def maybe_initialize_distributed(train: ml_collections.ConfigDict) -> None:
+    """Joins a multi-process run when train.coordinator_address is set (each process then feeds its own rows)."""
+    if not train.coordinator_address or distributed_is_initialized():
+        return
+    try:  # CPU collectives across processes need gloo (the default in newer JAX)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):
+        pass
+    jax.distributed.initialize(coordinator_address=train.coordinator_address, num_processes=train.num_processes,
+                               process_id=train.process_id)
+
+
+def distributed_is_initialized() -> bool:
+    """Without touching the backend (which must not start before jax.distributed.initialize)."""
+    if hasattr(jax.distributed, "is_initialized"):
+        return jax.distributed.is_initialized()
+    from jax._src import distributed  # jax 0.5 (the Apple stack) has no public spelling
+
+    return distributed.global_state.client is not None

@@ -15,7 +15,6 @@ import functools
 import math
 import os
 import sys
-import time
 from typing import Any
 
 import jax
@@ -26,85 +25,24 @@ from absl import flags
 from jax.sharding import Mesh, PartitionSpec
 from tqdm import tqdm
 
-from gptjax import checkpoints, cli, hardware, input_pipeline, interrupts, kernels, sampling
-from gptjax.evaluate import evaluate_loss
+from gptjax import checkpoints, cli, hardware, input_pipeline, interrupts, kernels
 from gptjax import train_step as steps_lib
 from gptjax.configs import build_model_config, profile_steps, validate
+from gptjax.console import Speedometer, describe_fsdp, print_plan, sample_text, summary
 from gptjax.errors import UserError, check_workdir
+from gptjax.evaluate import evaluate_loss
 from gptjax.metrics import MetricsLog
 from gptjax.model import ModelConfig
+from gptjax.preflight import (check_batch_layout, check_checkpoints_fit, check_evaluation_data, check_same_data,
+                              data_fingerprint)
 from gptjax.profiling import Trace
-from gptjax.scaling import describe, flops_per_token, param_count, planned_steps
+from gptjax.scaling import flops_per_token, planned_steps
+from gptjax.stopping import RunInterrupted, save_on_interrupt, stop_agreed
 from gptjax.tokenizer import load_text_codec
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Set-up helpers
-
-
-def maybe_initialize_distributed(train: ml_collections.ConfigDict) -> None:
-    """Joins a multi-process run when train.coordinator_address is set (each process then feeds its own rows)."""
-    if not train.coordinator_address or distributed_is_initialized():
-        return
-    try:  # CPU collectives across processes need gloo (the default in newer JAX)
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except (AttributeError, ValueError):
-        pass
-    jax.distributed.initialize(coordinator_address=train.coordinator_address, num_processes=train.num_processes,
-                               process_id=train.process_id)
-
-
-def distributed_is_initialized() -> bool:
-    """Without touching the backend (which must not start before jax.distributed.initialize)."""
-    if hasattr(jax.distributed, "is_initialized"):
-        return jax.distributed.is_initialized()
-    from jax._src import distributed  # jax 0.5 (the Apple stack) has no public spelling
-
-    return distributed.global_state.client is not None
-
-
-def check_batch_layout(train: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
-    per_micro = train.batch_size // max(1, train.grad_accum_steps)
-    if train.grad_accum_steps < 1 or train.batch_size % train.grad_accum_steps:
-        raise UserError(f"train.batch_size={train.batch_size} is not divisible by "
-                        f"train.grad_accum_steps={train.grad_accum_steps}")
-    if per_micro % num_devices:
-        raise UserError(f"each micro-batch has {per_micro} sequences, not divisible by the {num_devices} devices; "
-                        f"change train.batch_size or train.grad_accum_steps")
-    if train.batch_size % num_processes:
-        raise UserError(f"train.batch_size={train.batch_size} is not divisible by {num_processes} processes")
-
-
-def describe_fsdp(abstract_params, devices: int) -> str:
-    """The note an fsdp run prints: what it splits, and what no device count divides (those arrays stay whole)."""
-    if devices == 1:
-        return "note     | train.sharding='fsdp' on one device splits nothing: the run is the same as 'replicated'"
-    leaves = jax.tree.flatten_with_path(abstract_params)[0]
-    whole = [jax.tree_util.keystr(path) for path, leaf in leaves
-             if steps_lib.fsdp_spec(leaf.shape, devices) == PartitionSpec()]
-    text = f"note     | train.sharding='fsdp': parameters and Adam moments split over {devices} devices"
-    if whole:
-        text += (f"; {len(whole)} array(s) have no dimension {devices} divides and stay whole on every device "
-                 f"({', '.join(whole[:3])}{', ...' if len(whole) > 3 else ''})")
-    return text
-
-
-def check_checkpoints_fit(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses, from the checkpoints' metadata alone, a workdir that holds a run of another model shape, and a
-    train.init_from that has no checkpoint or one of another shape: before any data is read."""
-    meta = checkpoints.latest_meta(workdir)
-    if meta is not None:
-        checkpoints.check_compatible(meta, config.model.to_dict(), workdir)
-        return
-    init_from = config.train.init_from
-    if not init_from:
-        return
-    meta = checkpoints.latest_meta(init_from)
-    if meta is None:
-        raise UserError(f"train.init_from={init_from!r} holds no checkpoint (looked in "
-                        f"{checkpoints.checkpoint_dir(init_from)}); set train.init_from to the --workdir of a trained "
-                        f"run or of one gptjax.convert wrote")
-    checkpoints.check_compatible(meta, config.model.to_dict(), init_from)
+# The job, in named pieces: set_up -> initial_state -> print_plan -> train_loop (-> report, save, save_on_interrupt)
 
 
 def prepare_data(config, workdir: str) -> input_pipeline.TokenCache:
@@ -117,64 +55,6 @@ def prepare_data(config, workdir: str) -> input_pipeline.TokenCache:
         input_pipeline.prepare(config, workdir)
     multihost_utils.sync_global_devices("gptjax token cache ready")
     return input_pipeline.prepare(config, workdir, progress=False)
-
-
-def sample_text(params, model_config: ModelConfig, tokenizer, seed: int, max_new_tokens: int = 32) -> str:
-    prompt = [tokenizer.eos_token_id]
-    tokens = sampling.generate(params, model_config, prompt, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                               temperature=0.8, top_k=200, eos_id=tokenizer.eos_token_id)[0]
-    return tokenizer.decode(sampling.truncate_at_eos(tokens, tokenizer.eos_token_id))
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """The run stopped on Ctrl-C / SIGTERM after saying what was saved."""
-
-
-def data_fingerprint(config: ml_collections.ConfigDict, cache: input_pipeline.TokenCache) -> dict:
-    """What decides which tokens batch i holds; saved in checkpoints and compared on resume."""
-    return {"token_cache": cache.fingerprint(), "train.batch_size": config.train.batch_size,
-            "data.seq_len": config.data.seq_len, "train.seed": config.train.seed}
-
-
-def check_same_data(meta: dict, fingerprint: dict, accept_change: bool) -> None:
-    """Refuses to resume onto other data or batches (which would silently change what comes next), unless asked."""
-    saved = meta.get("data_fingerprint") or fingerprint  # checkpoints from before this check have none
-    differences = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in fingerprint.items()
-                   if saved.get(key) != value]
-    if not differences:
-        return
-    what = "; ".join(differences)
-    if not accept_change:
-        raise UserError(f"the checkpoint at step {meta['step']} was trained on other data or batches ({what}), so "
-                        f"resuming would change which tokens come next; rerun with the checkpoint's settings, or add "
-                        f"--config.train.accept_data_change=true to go on with the new ones")
-    print(f"note     | resuming at step {meta['step']} with other data or batches ({what}), as "
-          f"train.accept_data_change asks")
-
-
-def check_evaluation_data(config: ml_collections.ConfigDict, cache: input_pipeline.TokenCache) -> bool:
-    """Whether held-out evaluation runs; refuses, before the first step, a validation split too small for it."""
-    train, data = config.train, config.data
-    if not train.eval_every:
-        return False
-    if data.eval_fraction == 0:
-        print("note     | data.eval_fraction=0 holds out no documents: no held-out evaluation in this run")
-        return False
-    validation_tokens = cache.num_tokens("validation")
-    if cache.stream("validation").num_windows(data.seq_len) == 0:
-        fixes = ["add more documents", "train without held-out evaluation (--config.data.eval_fraction=0)"]
-        if data.source == "text" and data.txt_documents == "file":
-            fixes.insert(0, "split .txt files into documents at blank lines (--config.data.txt_documents=blank_lines)")
-        raise UserError(
-            f"the validation split has {validation_tokens} tokens, fewer than one window of data.seq_len + 1 = "
-            f"{data.seq_len + 1}: every {max(1, round(1 / data.eval_fraction))}th document is held out and the corpus "
-            f"has {cache.manifest.get('documents', 0)} document(s). To fix it, {', '.join(fixes[:-1])} or "
-            f"{fixes[-1]}")
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The job, in named pieces: set_up -> initial_state -> print_plan -> train_loop (-> report, save, save_on_interrupt)
 
 
 @dataclasses.dataclass
@@ -240,7 +120,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     check_workdir(workdir)
     train, data = config.train, config.data
     hardware.select_platform(train.platform)
-    maybe_initialize_distributed(train)
+    hardware.maybe_initialize_distributed(train)
     hardware.use_compilation_cache(train.compilation_cache)
     interrupts.reassert()
     model_config = build_model_config(config.model)
@@ -308,35 +188,6 @@ def initial_state(run: Run) -> tuple[steps_lib.TrainState, dict]:
     if changed and run.is_chief:
         print(f"note     | the checkpoint's parameters are used with {'; '.join(changed)} (these may change)")
     return state, last
-
-
-def print_plan(run: Run, start_step: int) -> None:
-    """The lines a user reads before the first step: devices, model, data, budget, workdir."""
-    if not run.is_chief:
-        return
-    cfg, data, cache = run.model_config, run.config.data, run.cache
-    model_flops, tokens_per_step = flops_per_token(cfg, data.seq_len), run.config.train.batch_size * data.seq_len
-    peak, peak_source = run.peak
-    devices = jax.devices()
-    print(f"devices  | {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
-          f"{jax.process_count()} process(es)")
-    print(f"model    | {param_count(cfg):,} parameters | {describe(model_flops, flops=True)} FLOPs/token "
-          f"(6N + 12LTD) | {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.pos_embedding} positions, "
-          f"{cfg.activation}")
-    print(f"data     | {input_pipeline.describe_source(data)} | train {cache.num_tokens('train'):,} tokens "
-          f"({run.train_stream.num_windows(data.seq_len):,} windows of {data.seq_len + 1}) | validation "
-          f"{cache.num_tokens('validation'):,} tokens")
-    planned_tokens = run.total_steps * tokens_per_step
-    print(f"budget   | {run.total_steps:,} steps x {tokens_per_step:,} tokens = {describe(planned_tokens)} tokens "
-          f"({planned_tokens / max(1, cache.num_tokens('train')):.2f} epochs), "
-          f"{describe(planned_tokens * model_flops, flops=True)}FLOPs | peak "
-          f"{describe(peak * run.mesh.size, flops=True)}FLOP/s ({peak_source})")
-    train = run.config.train
-    if train.warmup_steps > run.total_steps:  # the linear warmup is cut off: its last step is the run's peak
-        print(f"note     | train.warmup_steps={train.warmup_steps} is longer than the run's {run.total_steps} steps: "
-              f"the learning rate rises to {float(run.schedule(run.total_steps - 1)):.3g}, never to "
-              f"train.learning_rate={train.learning_rate:g}; lower train.warmup_steps to reach it")
-    print(f"workdir  | {os.path.abspath(run.workdir)}" + (f" | resumed at step {start_step}" if start_step else ""))
 
 
 def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, progress: bool) -> tuple[int, dict]:
@@ -442,80 +293,6 @@ def save(run: Run, state, step: int, metrics: dict) -> None:
             "data_fingerprint": data_fingerprint(config, run.cache), "metrics": metrics,
             "sharding": {"train.sharding": config.train.sharding, "devices": run.mesh.size}}
     checkpoints.save(run.manager, step, state.params, state.opt_state, meta)
-
-
-class Speedometer:
-    """Training tokens per second, from the end of the first (compiling) step, restarted after evaluations."""
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.clock, self.clock_step = None, 0
-
-    def started(self, step: int, metrics) -> None:
-        if self.clock is None:  # the first step compiled; time from its end
-            jax.block_until_ready(metrics)
-            self.restart(step)
-
-    def restart(self, step: int) -> None:
-        self.clock, self.clock_step = time.perf_counter(), step
-
-    def tokens_per_second(self, step: int) -> float:
-        seconds = time.perf_counter() - self.clock
-        return (step - self.clock_step) * self.tokens_per_step / seconds if step > self.clock_step else 0.0
-
-
-def stop_agreed(requested: bool) -> bool:
-    """Whether any process was asked to stop. Every process gets the same answer before the same step, so all stop
-    there and save it together (a signal reaching one process alone would otherwise send it into the collective
-    save while the others wait in the next step's all-reduce). One all-gather of a flag per step, with several
-    processes; one process reads its own flag."""
-    if jax.process_count() == 1:
-        return requested
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([requested]))))
-
-
-def save_on_interrupt(state, start_step: int, manager, save, last: dict, workdir: str, is_chief: bool) -> None:
-    """Saves the state an interrupt left (unless it is saved already), and says which checkpoint a rerun resumes."""
-    directory = checkpoints.checkpoint_dir(workdir)
-    if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):  # a second Ctrl-C, inside a step
-        print(f"\nInterrupted inside a step: nothing saved; the last checkpoint in {directory} is kept",
-              file=sys.stderr)
-        return
-    step = int(state.step)  # the state is the truth if the interrupt landed between the step and the count
-    params_are_finite = bool(jax.numpy.isfinite(optax.tree.norm(state.params)))
-    if step > start_step and step not in manager.all_steps() and params_are_finite:
-        if is_chief:
-            print(f"\nInterrupted: saving step {step} to {directory}; rerun the same command to resume",
-                  file=sys.stderr)
-        save(step, last)
-    elif is_chief:
-        manager.wait_until_finished()
-        latest = manager.latest_step()
-        saved = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint was saved yet"
-        print(f"\nInterrupted at step {step}: {saved} in {directory}; rerun the same command to resume",
-              file=sys.stderr)
-    manager.wait_until_finished()
-
-
-def summary(result: dict, workdir: str) -> str:
-    """What a finished (or paused) run reached, and the commands that come next."""
-    step, total = result["step"], result["total_steps"]
-    parts = [f"step {step:,} of {total:,}" + ("" if step >= total else " (paused: rerun the same command to go on)")]
-    if "loss" in result:
-        parts.append(f"train loss {result['loss']:.3f}")
-    if "eval_loss" in result:
-        parts.append(f"held-out loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})")
-    if result.get("tokens_per_second"):
-        parts.append(f"{result['tokens_per_second']:,.0f} tokens/s, MFU {hardware.format_mfu(result['mfu'])}")
-    return "\n".join([
-        "done     | " + " | ".join(parts),
-        f"next     | python -m gptjax.sample --workdir {workdir} --prompt \"The\"",
-        f"         | python -m gptjax.evaluate --workdir {workdir}",
-        f"         | python -m gptjax.plot --workdir {workdir}        (the loss curves, in {workdir}/loss.png)",
-        f"         | metrics: {os.path.join(workdir, 'metrics.jsonl')}, TensorBoard: tensorboard --logdir {workdir}",
-    ])
 
 
 # ----------------------------------------------------------------------------------------------------------------

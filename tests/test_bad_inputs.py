@@ -15,7 +15,9 @@ import pytest
 from gptjax import hardware, input_pipeline
 from gptjax.configs import base_config, build_model_config, KEYS, describe_keys, load_config_file, validate
 from gptjax.errors import UserError
-from gptjax.train import save_on_interrupt, summary, train_and_evaluate
+from gptjax.console import summary
+from gptjax.stopping import save_on_interrupt
+from gptjax.train import train_and_evaluate
 from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
 
 TINY = os.path.join(REPO_ROOT, "experiments/tiny.py")

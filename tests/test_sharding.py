@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from gptjax import train_step as steps_lib
-from gptjax.train import describe_fsdp
+from gptjax.console import describe_fsdp
 from tests.test_train import run_on_four_host_devices
 
 pytestmark = pytest.mark.slow  # 4-device subprocesses: `pytest -m "not slow"` skips them
