@@ -1,4 +1,5 @@
-"""Which devices a run uses (and the other processes of a multi-process run), and their peak FLOP/s for MFU (model FLOPs utilisation).
+"""Which devices a run uses (and the other processes of a multi-process run), and their peak FLOP/s for MFU (model
+FLOPs utilisation).
 
 MFU = (FLOPs per token x tokens per second) / peak FLOP/s. The peak is a known datasheet number for common
 accelerators; on a CPU (or an unknown device) it is measured: the best of jitted square matmuls of several sizes,
