@@ -112,12 +112,14 @@ if __name__ == "__main__":
     from gptjax import cli
     from gptjax.errors import exit_on_user_error
 
-    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", help="a UTF-8 text file to tokenize (default: the Python docs)")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=200)
-    args = parser.parse_args()
+    from absl import flags
+
+    args = flags.FlagValues()
+    flags.DEFINE_string("text", None, "a UTF-8 text file to tokenize (default: the Python docs)", flag_values=args)
+    flags.DEFINE_integer("batch_size", 128, "sequences per batch read from the cache", flag_values=args)
+    flags.DEFINE_integer("seq_len", 256, "tokens per sequence", flag_values=args)
+    flags.DEFINE_integer("steps", 200, "batches read", flag_values=args)
+    cli.parse_own_flags(args, None, __doc__.splitlines()[0])
     with exit_on_user_error():
         for name in ("batch_size", "seq_len", "steps"):
             cli.require(getattr(args, name) >= 1, f"--{name}={getattr(args, name)} must be >= 1")

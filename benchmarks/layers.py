@@ -22,6 +22,7 @@ import re
 import time
 
 import jax
+from absl import flags
 
 from gptjax import cli, hardware, kernels
 from gptjax import train_step as steps_lib
@@ -72,16 +73,18 @@ def compile_and_measure(config, scan_layers: bool, remat: str, batch_size: int, 
 
 
 def main(argv=None) -> dict:
-    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="experiments/m1.py")
-    parser.add_argument("--n_layer", type=int, default=24)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=0, help="also time this many steps per layout")
-    parser.add_argument("--layouts", default="all", help="'all', or e.g. 'unrolled:none,scan:full'")
-    parser.add_argument("--attention", help="model.attention values, e.g. 'xla,cudnn' (default: the config's)")
-    parser.add_argument("--loss_chunk_tokens", help="train.loss_chunk_tokens values, e.g. '0,1024' (default: config's)")
-    parser.add_argument("--dtype", help="override model.dtype (float32 / bfloat16)")
-    args = parser.parse_args(argv)
+    args = flags.FlagValues()
+    flags.DEFINE_string("config", "experiments/m1.py", "experiment file whose shape is measured", flag_values=args)
+    flags.DEFINE_integer("n_layer", 24, "override model.n_layer", flag_values=args)
+    flags.DEFINE_integer("batch_size", 16, "sequences per step", flag_values=args)
+    flags.DEFINE_integer("steps", 0, "also time this many steps per layout", flag_values=args)
+    flags.DEFINE_string("layouts", "all", "'all', or e.g. 'unrolled:none,scan:full'", flag_values=args)
+    flags.DEFINE_string("attention", None, "model.attention values, e.g. 'xla,cudnn' (default: the config's)",
+                        flag_values=args)
+    flags.DEFINE_string("loss_chunk_tokens", None, "train.loss_chunk_tokens values, e.g. '0,1024' (default: the "
+                        "config's)", flag_values=args)
+    flags.DEFINE_string("dtype", None, "override model.dtype (float32 / bfloat16)", flag_values=args)
+    cli.parse_own_flags(args, argv, __doc__.splitlines()[0])
     with exit_on_user_error():
         cli.require(args.n_layer > 0 and args.batch_size > 0 and args.steps >= 0,
                     "--n_layer and --batch_size must be positive and --steps at least 0")

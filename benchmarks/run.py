@@ -19,6 +19,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from benchmarks import input_pipeline as input_bench
 from benchmarks import sampling as sampling_bench
@@ -140,18 +141,20 @@ def head_to_head(train_setup, rounds: int, new_tokens: int = 255) -> dict:
 
 
 def main() -> None:
-    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="experiments/m1.py")
-    parser.add_argument("--batch_size", type=int, help="sequences per step (default: the config's on an "
-                                                        "accelerator, 16 on a CPU)")
-    parser.add_argument("--grad_accum_steps", type=int)
-    parser.add_argument("--dtype", help="override model.dtype (float32 / bfloat16)")
-    parser.add_argument("--attention", help="override model.attention (auto / xla / chunked / cudnn)")
-    parser.add_argument("--loss_chunk_tokens", type=int, help="override train.loss_chunk_tokens (0 = plain loss)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new_tokens", type=int, default=255, help="tokens each sampling measurement decodes")
-    parser.add_argument("--quick", action="store_true", help="skip the PyTorch reference and the input pipeline")
-    args = parser.parse_args()
+    args = flags.FlagValues()
+    flags.DEFINE_string("config", "experiments/m1.py", "experiment file whose shape is measured", flag_values=args)
+    flags.DEFINE_integer("batch_size", None, "sequences per step (default: the config's on an accelerator, 16 on a "
+                         "CPU)", flag_values=args)
+    flags.DEFINE_integer("grad_accum_steps", None, "micro-batches per step (default: the config's on an "
+                         "accelerator, 1 on a CPU)", flag_values=args)
+    flags.DEFINE_string("dtype", None, "override model.dtype (float32 / bfloat16)", flag_values=args)
+    flags.DEFINE_string("attention", None, "override model.attention (auto / xla / chunked / cudnn)", flag_values=args)
+    flags.DEFINE_integer("loss_chunk_tokens", None, "override train.loss_chunk_tokens (0 = plain loss)",
+                         flag_values=args)
+    flags.DEFINE_integer("repeats", 3, "timed calls per measurement (the best counts)", flag_values=args)
+    flags.DEFINE_integer("new_tokens", 255, "tokens each sampling measurement decodes", flag_values=args)
+    flags.DEFINE_bool("quick", False, "skip the PyTorch reference and the input pipeline", flag_values=args)
+    cli.parse_own_flags(args, None, __doc__.splitlines()[0])
     with exit_on_user_error():
         config = load_config_file(args.config)
         for name in ("batch_size", "grad_accum_steps", "repeats", "new_tokens"):

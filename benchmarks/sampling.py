@@ -10,7 +10,6 @@ layer in bfloat16 (`--head_dtype bfloat16` of `gptjax.sample`). Random weights o
 not depend on what the weights are). Prints one JSON object.
 """
 
-import argparse
 import json
 import time
 
@@ -76,10 +75,14 @@ def run(config_path: str = "experiments/m1.py", new_tokens: int = 255, uncached_
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="experiments/m1.py")
-    parser.add_argument("--new_tokens", type=int, default=255)
-    parser.add_argument("--uncached_tokens", type=int, default=32,
-                        help="tokens for the slow path (its cost per token is the same at every length)")
-    args = parser.parse_args()
+    from absl import flags
+
+    from gptjax import cli
+
+    args = flags.FlagValues()
+    flags.DEFINE_string("config", "experiments/m1.py", "experiment file whose shape is measured", flag_values=args)
+    flags.DEFINE_integer("new_tokens", 255, "tokens each measurement decodes", flag_values=args)
+    flags.DEFINE_integer("uncached_tokens", 32, "tokens for the slow path (its cost per token is the same at every "
+                         "length)", flag_values=args)
+    cli.parse_own_flags(args, None, __doc__.splitlines()[0])
     print(json.dumps(run(args.config, args.new_tokens, args.uncached_tokens), indent=1))

@@ -16,6 +16,7 @@ import itertools
 import json
 
 import jax
+from absl import flags
 
 from gptjax import cli, kernels
 from gptjax import train_step as steps_lib
@@ -44,16 +45,16 @@ def step_memory(config, sharding: str, parallelism: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="experiments/m1.py")
-    parser.add_argument("--n_layer", type=int, help="override model.n_layer")
-    parser.add_argument("--d_model", type=int, help="override model.d_model (and d_ff = 4 d_model)")
-    parser.add_argument("--seq_len", type=int, help="override model.max_len and data.seq_len")
-    parser.add_argument("--batch_size", type=int, default=16, help="global batch (sequences)")
-    parser.add_argument("--accum", type=int, default=1, help="micro-batches per step (train.grad_accum_steps)")
-    parser.add_argument("--loss_chunk_tokens", type=int, default=0,
-                        help="train.loss_chunk_tokens (default 0: the plain loss, as on a GPU)")
-    args = parser.parse_args(argv)
+    args = flags.FlagValues()
+    flags.DEFINE_string("config", "experiments/m1.py", "experiment file whose shape is measured", flag_values=args)
+    flags.DEFINE_integer("n_layer", None, "override model.n_layer", flag_values=args)
+    flags.DEFINE_integer("d_model", None, "override model.d_model (and d_ff = 4 d_model)", flag_values=args)
+    flags.DEFINE_integer("seq_len", None, "override model.max_len and data.seq_len", flag_values=args)
+    flags.DEFINE_integer("batch_size", 16, "global batch (sequences)", flag_values=args)
+    flags.DEFINE_integer("accum", 1, "micro-batches per step (train.grad_accum_steps)", flag_values=args)
+    flags.DEFINE_integer("loss_chunk_tokens", 0, "train.loss_chunk_tokens (default 0: the plain loss, as on a GPU)",
+                         flag_values=args)
+    cli.parse_own_flags(args, argv, __doc__.splitlines()[0])
     with exit_on_user_error():
         config = load_config_file(args.config)
         if args.n_layer:

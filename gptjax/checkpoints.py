@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax import compat
 from gptjax.errors import UserError, check_workdir
 
 ITEMS = ("params", "opt_state", "meta")
@@ -33,7 +32,6 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    compat.install()  # Orbax on the Apple stack's jax 0.5 needs a stand-in for jax.monitoring.record_scalar
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)

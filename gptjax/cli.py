@@ -2,18 +2,19 @@
 
 - `run(main)`: absl's `app.run`, except that a bad flag (`--step=abc`, an unknown flag, `--config.train.steps=abc`)
   is one `error: ...` line and exit status 2 like every other user mistake (absl prints a FATAL block and exits 1),
-  `--help` shows the command's own flags, `--config` included, and exits 0, and a stray positional argument
-  (`train experiments/tiny.py`, a forgotten `--config`) is an error instead of being silently ignored.
+  `--help` shows the command's own flags, `--config` included, and exits 0, a stray positional argument
+  (`train experiments/tiny.py`, a forgotten `--config`) is an error instead of being silently ignored, and the
+  Apple stack's shims (gptjax/compat.py) are installed before `main` runs.
 - `define_config_flag`: ml_collections' `--config` flag, with a missing file or an unknown key as one line.
-- `ArgumentParser`: argparse for the commands that use it (scaling, benchmarks), with the same one-line errors.
+- `parse_own_flags`: the same parsing for the commands that are also called as functions (scaling, benchmarks).
 """
 
-import argparse
 import sys
 
 import ml_collections
 from absl import app, flags, logging
 
+from gptjax import compat
 from gptjax.configs import load_config_file
 from gptjax.errors import UserError, exit_on_user_error
 
@@ -23,30 +24,34 @@ LIST_KEYS_HINT = ("Every config key, with its value in an experiment and what it
                   "Override any of them as --config.<group>.<key>=<value>, e.g. --config.train.batch_size=64.")
 
 
-def command_help() -> str:
+def command_help(flag_values: flags.FlagValues | None = None, description: str | None = None) -> str:
     """The running command's docstring and its own flags (absl's --help hides flags defined in other modules, such
-    as --config, and exits 1)."""
+    as --config, and exits 1). With `flag_values`, a command's own FlagValues: all of its flags."""
     main = sys.modules["__main__"]
-    lines = [(main.__doc__ or "").strip(), "", "flags:"]
-    for module, module_flags in sorted(flags.FLAGS.flags_by_module_dict().items()):
-        if module != sys.argv[0] and not module.startswith("gptjax"):  # absl's and libraries' own flags
+    lines = [(description or main.__doc__ or "").strip(), "", "flags:"]
+    by_module = (flags.FLAGS.flags_by_module_dict().items() if flag_values is None
+                 else [("", [flag_values[name] for name in flag_values])])
+    for module, module_flags in sorted(by_module):
+        if flag_values is None and module != sys.argv[0] and not module.startswith("gptjax"):  # libraries' flags
             continue
         for flag in sorted(module_flags, key=lambda f: f.name):
             default = "" if flag.default is None else f" (default: {flag.default_as_str})"
             lines.append(f"  --{flag.name}: {flag.help}{default}")
-    if "config" in flags.FLAGS:
+    if flag_values is None and "config" in flags.FLAGS:
         lines += ["", LIST_KEYS_HINT]
     return "\n".join(lines)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing with --help answered here and every flag error as one line (exit 2)."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None,
+                description: str | None = None) -> list[str]:
+    """absl's flag parsing (of the global flags, or of `flag_values`) with --help answered here and every flag error
+    as one line (exit 2)."""
     if any(arg in HELP_FLAGS for arg in argv[1:]):
-        print(command_help())
+        print(command_help(flag_values, description))
         sys.exit(0)
     with exit_on_user_error():
         try:
-            remaining = flags.FLAGS(argv)
+            remaining = (flags.FLAGS if flag_values is None else flag_values)(argv)
         except flags.Error as e:
             message = " ".join(str(e).split())
             if "Non-boolean argument to boolean flag" in message:  # absl shows the raw (reason, value) tuple
@@ -54,7 +59,7 @@ def parse_flags(argv: list[str]) -> list[str]:
                 raise UserError(f"{flag} is not a boolean: use true or false (also 1/0)") from None
             raise UserError(f"{message}; see --help") from None
         if len(remaining) > 1:
-            looks_like_config = remaining[1].endswith(".py") and "config" in flags.FLAGS
+            looks_like_config = remaining[1].endswith(".py") and "config" in (flag_values or flags.FLAGS)
             hint = f"; did you mean --config {remaining[1]}?" if looks_like_config else ""
             raise UserError(f"unexpected argument {remaining[1]!r}: options are passed as --name=value{hint}")
     return remaining
@@ -66,6 +71,7 @@ def run(main) -> None:
 
     def main_with_one_line_errors(argv):
         del argv  # parse_flags has refused anything but flags
+        compat.install()  # what the Apple stack's older JAX lacks (gptjax/compat.py); nothing on current releases
         logging.set_verbosity(logging.ERROR)  # libraries' absl chatter (TFDS, Orbax); gptjax prints its own lines
         with exit_on_user_error():
             main()
@@ -73,12 +79,12 @@ def run(main) -> None:
     app.run(main_with_one_line_errors, flags_parser=parse_flags)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (a missing or ill-typed option) are one `error: ...` line and exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message}; see --help", file=sys.stderr)
-        sys.exit(2)
+def parse_own_flags(flag_values: flags.FlagValues, argv: list[str] | None, description: str) -> flags.FlagValues:
+    """Parses the flags of a command that is also called as a function with a list of arguments (gptjax.scaling,
+    the benchmarks): its own FlagValues, so that importing it defines no global flag, parsed by absl with the same
+    --help and one-line errors as every command. Returns `flag_values`, whose attributes are the values."""
+    parse_flags([sys.argv[0], *(sys.argv[1:] if argv is None else argv)], flag_values, description)
+    return flag_values
 
 
 def require(ok: bool, message: str) -> None:

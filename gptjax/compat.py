@@ -1,7 +1,6 @@
 """What the Apple stack needs, in one place: jax-metal 0.1.1 only works with jax 0.5.0, and with the flax, optax and
 orbax-checkpoint releases that install beside it (requirements.txt pins them on macOS arm64). Each entry says which
-newer API it stands in for; on current releases every one is a plain pass-through, and the core modules meet
-them only as one import or one call.
+newer API it stands in for; on current releases every one is a plain pass-through.
 """
 
 import sys
@@ -10,29 +9,22 @@ import jax
 
 
 def install() -> None:
-    """What must be patched before Orbax runs: called where every checkpoint manager is made (and idempotent)."""
+    """Patches JAX where the Apple stack's releases lack what gptjax calls; a no-op on current releases. Called once
+    where a command starts (`gptjax.cli.run`, the benchmarks package, the tests package), so the core modules call
+    today's APIs and never meet a shim."""
     if not hasattr(jax.monitoring, "record_scalar"):
         # orbax-checkpoint 0.11.24, the newest that installs beside jax 0.5.0, reports array sizes through
         # jax.monitoring.record_scalar, which that JAX does not have yet. It only records monitoring metrics, so a
         # no-op stands in for it.
         jax.monitoring.record_scalar = lambda *args, **kwargs: None
+    if not hasattr(jax, "shard_map"):
+        # shard_map moved into jax proper after 0.5, and its replication check was renamed check_rep -> check_vma.
+        from jax.experimental.shard_map import shard_map as experimental_shard_map
 
+        def shard_map(f, *, mesh, in_specs, out_specs, check_vma: bool = True):
+            return experimental_shard_map(f, mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check_vma)
 
-# shard_map moved into jax proper (and renamed its replication check) after 0.5. The check is off in both: it would
-# want the accumulation carry marked device-varying (jax.lax.pvary, which 0.5 lacks), and gptjax's outputs are
-# replicated by construction (they come out of a pmean).
-try:
-    from jax import shard_map as _shard_map
-
-    def shard_map(f, mesh, in_specs, out_specs):
-        """`jax.shard_map(f, mesh=mesh, in_specs=..., out_specs=...)`, without the replication check."""
-        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-except ImportError:  # jax 0.5
-    from jax.experimental.shard_map import shard_map as _shard_map
-
-    def shard_map(f, mesh, in_specs, out_specs):
-        """`jax.shard_map(f, mesh=mesh, in_specs=..., out_specs=...)`, without the replication check."""
-        return _shard_map(f, mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+        jax.shard_map = shard_map
 
 
 def keeping_tensorflow_trace_check(profiler_call, *args) -> None:

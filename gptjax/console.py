@@ -63,6 +63,12 @@ def sample_text(params, model_config: ModelConfig, tokenizer, seed: int, max_new
     return tokenizer.decode(sampling.truncate_at_eos(tokens, tokenizer.eos_token_id))
 
 
+def eval_line(step: int, metrics: dict, sample: str) -> str:
+    shown = repr(sample) if sample else "'' (the model ended the text at once: end-of-text was its first token)"
+    return (f"step {step}: eval loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.1f}) | "
+            f"sample: {shown}")
+
+
 class Speedometer:
     """Training tokens per second, from the end of the first (compiling) step, restarted after evaluations."""
 
@@ -81,6 +87,12 @@ class Speedometer:
     def tokens_per_second(self, step: int) -> float:
         seconds = time.perf_counter() - self.clock
         return (step - self.clock_step) * self.tokens_per_step / seconds if step > self.clock_step else 0.0
+
+
+def nothing_to_do(workdir: str, step: int, total_steps: int) -> str:
+    return (f"The run in {workdir} is already at step {step} of {total_steps}: nothing to do. To train longer, raise "
+            f"--config.train.steps (the learning-rate schedule then stretches to the new end) or start a fresh "
+            f"--workdir")
 
 
 def summary(result: dict, workdir: str) -> str:

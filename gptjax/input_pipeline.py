@@ -433,6 +433,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
 # Stage 2: windows and batches
 
 
+def prepare_once(config: ml_collections.ConfigDict, workdir: str) -> "TokenCache":
+    """`prepare` for a run of one or several processes: process 0 tokenizes (or finds the cache); the others wait for
+    it and then open the same cache."""
+    import jax
+
+    if jax.process_count() == 1:
+        return prepare(config, workdir)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        prepare(config, workdir)
+    multihost_utils.sync_global_devices("gptjax token cache ready")
+    return prepare(config, workdir, progress=False)
+
+
 @dataclasses.dataclass
 class TokenCache:
     """A finished token cache: per split, a list of memory-mapped shards that read as one stream."""

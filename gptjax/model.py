@@ -17,8 +17,8 @@ Shape legend, used in names (`x_BxTxD`) and comments across gptjax:
     BN B x N in one axis (KV cache rows)  1  a dimension of size 1
     a leading x (`logits_xV`, `q_xTxH`): any leading dimensions
 
-This file is the textbook path. Where a backend has a faster way to compute the same numbers, the choice is made in
-gptjax/kernels/__init__.py; here it is one `if` per kernel.
+This file is the textbook path. Where a backend has a faster way to compute the same numbers (attention on a CPU),
+the model calls the textbook function by name through one call in gptjax/kernels, which decides where it runs.
 """
 
 import functools
@@ -157,12 +157,12 @@ class CausalSelfAttention(nn.Module):
 
         if decode:
             y_BxTxNxH = self.cached_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, positions_T)
-        elif kernels.attention_kernel(cfg.attention) == "xla":
-            y_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
-        elif kernels.attention_kernel(cfg.attention) == "cudnn":  # cuDNN's fused kernel: see gptjax/kernels
-            y_BxTxNxH = kernels.cudnn_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
-        else:  # the same numbers, faster on a CPU: see gptjax/kernels/attention.py
-            y_BxTxNxH = kernels.causal_attention_for_cpu(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
+        else:
+            # jax.nn.dot_product_attention, or a kernel computing the same numbers faster on this backend (on CPUs:
+            # gptjax/kernels/attention.py). Each query sees keys at its own position and before: softmax(q.k /
+            # sqrt(H)) over them, then the average of their values, as `cached_attention` spells out below.
+            dot_product_attention = kernels.dot_product_attention(cfg.attention)
+            y_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
         return dense(cfg, D, "proj", residual=True)(y_BxTxNxH.reshape(B, T, D))
 
     def cached_attention(self, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, positions_T):

@@ -7,6 +7,12 @@ from gptjax import checkpoints, input_pipeline
 from gptjax.errors import UserError
 
 
+def check_vocabulary(tokenizer_size: int, vocab_size: int) -> None:
+    if tokenizer_size > vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer_size} tokens but model.vocab_size={vocab_size}; raise "
+                        f"model.vocab_size")
+
+
 def check_batch_layout(train: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
     per_micro = train.batch_size // max(1, train.grad_accum_steps)
     if train.grad_accum_steps < 1 or train.batch_size % train.grad_accum_steps:
@@ -57,6 +63,22 @@ def check_same_data(meta: dict, fingerprint: dict, accept_change: bool) -> None:
                         f"--config.train.accept_data_change=true to go on with the new ones")
     print(f"note     | resuming at step {meta['step']} with other data or batches ({what}), as "
           f"train.accept_data_change asks")
+
+
+def check_restored(meta: dict, config: ml_collections.ConfigDict, source: str, is_chief: bool,
+                   fingerprint: dict | None = None, devices: int | None = None) -> None:
+    """The checks of a checkpoint about to be trained on (`source`'s: this workdir's to resume, or train.init_from's
+    to fine-tune): the same model shape, and when resuming the same data; notes on what is allowed to differ."""
+    changed = checkpoints.check_compatible(meta, config.model.to_dict(), source)  # model keys allowed to differ
+    if changed and is_chief:
+        print(f"note     | the checkpoint's parameters are used with {'; '.join(changed)} (these may change)")
+    if fingerprint is None:  # fine-tuning: other data is the point
+        return
+    check_same_data(meta, fingerprint, config.train.accept_data_change)
+    saved_as, here = meta.get("sharding"), {"train.sharding": config.train.sharding, "devices": devices}
+    if saved_as and saved_as != here and is_chief:  # Orbax restored it into this run's layout
+        print(f"note     | the checkpoint was saved {saved_as['train.sharding']} over {saved_as['devices']} device(s); "
+              f"restored {config.train.sharding} over {devices}")
 
 
 def check_evaluation_data(config: ml_collections.ConfigDict, cache: input_pipeline.TokenCache) -> bool:

@@ -10,7 +10,7 @@ import sys
 import jax
 from absl import flags
 
-from gptjax import cli, hardware, sampling
+from gptjax import cli, hardware, kernels, sampling
 from gptjax.checkpoints import load_for_inference
 from gptjax.errors import UserError
 from gptjax.tokenizer import load_text_codec
@@ -27,7 +27,7 @@ def define_flags():
     flags.DEFINE_integer("top_k", 200, "Sample only among the k most likely tokens (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "Sample only within the smallest set of tokens with this total probability.")
     flags.DEFINE_integer("seed", 0, "Random seed: the same seed and options give the same samples.")
-    flags.DEFINE_enum("head_dtype", "float32", sampling.HEAD_DTYPES,
+    flags.DEFINE_enum("head_dtype", "float32", kernels.HEAD_DTYPES,
                       "Precision the output layer (the [vocab, d_model] embedding) is read in while decoding: "
                       "bfloat16 halves its bytes: up to 1.45x faster at one sample on a CPU, logits rounded.")
 

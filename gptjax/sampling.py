@@ -15,16 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gptjax import kernels
 from gptjax.model import GPT, ModelConfig, mask_padded_vocab
-
-
-def first_argmax(x_BxV: jax.Array) -> jax.Array:
-    """jnp.argmax over the last axis (the first index of the largest value) as two plain reductions, a max and then a
-    min over the positions holding it: XLA's CPU backend runs these ~5x faster than argmax's paired (value, index)
-    reduction, 0.2 instead of 1.0 ms per decoding step on [8, 50304] logits."""
-    V = x_BxV.shape[-1]
-    is_best_BxV = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
-    return jnp.minimum(jnp.min(jnp.where(is_best_BxV, jnp.arange(V), V), axis=-1), V - 1)  # NaN rows: V - 1
 
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
@@ -34,7 +26,7 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float = 1.
     temperature, top_k and top_p are Python numbers (static under jit). Works on any [B, V] logits.
     """
     if temperature == 0:
-        return first_argmax(logits_BxV)
+        return kernels.argmax(logits_BxV)  # jnp.argmax(logits, axis=-1): see gptjax/kernels/decoding.py
     logits_BxV = logits_BxV.astype(jnp.float32) / temperature
     if top_k:  # the k best become the candidates, largest first: the draw then touches k entries instead of V
         logits_BxK, ids_BxK = jax.lax.top_k(logits_BxV, top_k)
@@ -47,8 +39,8 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float = 1.
         keep_count_B = jnp.sum(jnp.cumsum(probs_BxK, axis=-1) - probs_BxK < top_p, axis=-1)
         threshold_Bx1 = jnp.take_along_axis(sorted_BxK, keep_count_B[:, None] - 1, axis=-1)
         logits_BxK = jnp.where(logits_BxK < threshold_Bx1, jnp.finfo(jnp.float32).min, logits_BxK)
-    # The Gumbel-max trick, as jax.random.categorical, with the faster argmax.
-    choice_B = first_argmax(logits_BxK + jax.random.gumbel(rng, logits_BxK.shape))
+    # The Gumbel-max trick, as jax.random.categorical does it.
+    choice_B = kernels.argmax(logits_BxK + jax.random.gumbel(rng, logits_BxK.shape))
     return jnp.take_along_axis(ids_BxK, choice_B[:, None], axis=-1)[:, 0] if top_k else choice_B
 
 
@@ -85,48 +77,17 @@ def prefill(params, model_config: ModelConfig, tokens_BxP: jax.Array, length=Non
     return logits_Bx1xV[:, 0], variables["cache"]
 
 
-_prefill_jit = jax.jit(prefill, static_argnums=1)
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def start_decoding(params, model_config: ModelConfig, tokens_BxP: jax.Array, length, head_dtype: str):
+    """`prefill`, and the output layer laid out for the decoding steps (`kernels.output_head`): one compiled program
+    per prompt bucket, instead of a second small one that a compilation cache might or might not keep."""
+    logits_BxV, cache = prefill(params, model_config, tokens_BxP, length)
+    return logits_BxV, cache, kernels.output_head(params, model_config, head_dtype)
 
 
 def slide_window(model_config: ModelConfig) -> int:
     """Tokens kept when the window slides: 3/4 of the context, so a slide happens every max_len / 4 tokens."""
     return max(1, model_config.max_len - model_config.max_len // 4)
-
-
-HEAD_DTYPES = ("float32", "bfloat16")
-
-
-def output_head(params, model_config: ModelConfig, head_dtype: str = "float32") -> jax.Array:
-    """The output layer's weights as the decoding step reads them, laid out once per `generate` (a copy).
-
-    Each new token reads the whole output layer ([V, D]: 2/3 of m1's bytes), so its layout and width set the speed
-    of a step on a CPU, whose matmuls are bound by memory at decoding's few rows:
-    - float32 [D, V], the tied embedding transposed: XLA's CPU matmul reads it 1.6x faster than [V, D] at batch 8;
-    - bfloat16 [V, D] (opt-in), half the bytes, logits still accumulated in float32 (see `head_logits`).
-    """
-    if head_dtype not in HEAD_DTYPES:
-        raise ValueError(f"head_dtype={head_dtype!r} is not one of {HEAD_DTYPES}")
-    if model_config.tie_embeddings:
-        weights_DxV = jnp.transpose(params["token_embedding"]["embedding"])  # a new array, stored [D, V]
-    else:
-        weights_DxV = params["lm_head"]["kernel"]  # already [D, V]
-    if head_dtype == "bfloat16":
-        return jnp.transpose(weights_DxV).astype(jnp.bfloat16)
-    return jnp.asarray(weights_DxV, jnp.float32)
-
-
-def head_logits(hidden_BxD: jax.Array, head: jax.Array, vocab_size: int) -> jax.Array:
-    """float32 logits [B, V] from the final hidden states and an `output_head`: the model's `output_logits`."""
-    if head.dtype == jnp.float32:  # [D, V]
-        logits_BxV = hidden_BxD @ head
-    elif hidden_BxD.shape[0] == 1:  # bfloat16 [V, D], one row: XLA fuses the widening into the dot products
-        # ... unless it hoists the widening out of the decoding loop (a float32 copy, read at every step): the
-        # barrier ties the head to this step's hidden state, so the widening stays in the step.
-        hidden_BxD, head = jax.lax.optimization_barrier((hidden_BxD, head))
-        logits_BxV = hidden_BxD.astype(jnp.float32) @ head.T.astype(jnp.float32)
-    else:  # bfloat16, several rows: a bfloat16 matmul with float32 sums (a widened copy would cost 19 ms per step)
-        logits_BxV = jnp.einsum("bd,vd->bv", hidden_BxD.astype(jnp.bfloat16), head, preferred_element_type=jnp.float32)
-    return mask_padded_vocab(logits_BxV, vocab_size)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "slide", "temperature", "top_k", "top_p", "eos_id"))
@@ -145,7 +106,8 @@ def decode_steps(params, head, state: DecodeState, steps: jax.Array, *, model_co
         hidden_Bx1xD, variables = model.apply({"params": params, "cache": state.cache}, token_B[:, None],
                                               state.cache_position[None], decode=True, mutable=["cache"],
                                               method=GPT.hidden_states)
-        logits_BxV = head_logits(hidden_Bx1xD[:, 0], head, model_config.vocab_size)
+        # GPT.output_logits, reading the output layer as `head` lays it out (gptjax/kernels/decoding.py)
+        logits_BxV = mask_padded_vocab(kernels.head_logits(hidden_Bx1xD[:, 0], head), model_config.vocab_size)
         return state.replace(logits_BxV=logits_BxV, cache=variables["cache"],
                              cache_position=state.cache_position + 1)
 
@@ -187,12 +149,11 @@ def generate_chunks(params, model_config: ModelConfig, prompt_ids: list[int] | n
     tokens_BxL = np.zeros((num_samples, model_config.max_len * next_power_of_two(
         -(-(len(prompt) + max_new_tokens) // model_config.max_len))), np.int32)
     tokens_BxL[:, : len(prompt)] = prompt
-    logits_BxV, cache = _prefill_jit(params, model_config, jnp.asarray(tokens_BxL[:, :prompt_slots]),
-                                     jnp.asarray(len(prompt), jnp.int32))
+    logits_BxV, cache, head = start_decoding(params, model_config, jnp.asarray(tokens_BxL[:, :prompt_slots]),
+                                             jnp.asarray(len(prompt), jnp.int32), head_dtype)
     state = DecodeState(tokens_BxL=jnp.asarray(tokens_BxL), length=jnp.asarray(len(prompt), jnp.int32),
                         cache_position=jnp.asarray(len(prompt), jnp.int32), logits_BxV=logits_BxV, cache=cache,
-                        done_B=jnp.zeros((num_samples,), bool), rng=rng)
-    head = output_head(params, model_config, head_dtype)
+                        done_B=jnp.asarray(np.zeros((num_samples,), bool)), rng=rng)
     options = dict(model_config=model_config, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
     # The host follows the cache position (it only counts), so it knows when the cache is full without asking
     # the device, and slides the window at exactly that step.

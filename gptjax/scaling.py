@@ -13,6 +13,8 @@ Given a training budget C in FLOPs (or a device's FLOP/s, an expected MFU and ho
 import json
 import math
 
+from absl import flags
+
 from gptjax import cli
 from gptjax.configs import build_model_config, load_config_file, validate
 from gptjax.errors import exit_on_user_error
@@ -193,15 +195,16 @@ def compare_seed(seed: dict, opt: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flops", type=float, help="training budget in FLOPs, e.g. 1e17")
-    parser.add_argument("--device_flops", type=float, help="or: the device's peak FLOP/s ...")
-    parser.add_argument("--mfu", type=float, default=0.35, help="... the fraction of it training reaches ...")
-    parser.add_argument("--hours", type=float, help="... and the hours you have")
-    parser.add_argument("--context", type=int, default=256, help="context length of the suggested shapes")
-    parser.add_argument("--config", help="or: an experiment file, to project its hours from --device_flops and --mfu")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    args = flags.FlagValues()
+    flags.DEFINE_float("flops", None, "training budget in FLOPs, e.g. 1e17", flag_values=args)
+    flags.DEFINE_float("device_flops", None, "or: the device's peak FLOP/s ...", flag_values=args)
+    flags.DEFINE_float("mfu", 0.35, "... the fraction of it training reaches ...", flag_values=args)
+    flags.DEFINE_float("hours", None, "... and the hours you have", flag_values=args)
+    flags.DEFINE_integer("context", 256, "context length of the suggested shapes", flag_values=args)
+    flags.DEFINE_string("config", None, "or: an experiment file, to project its hours from --device_flops and --mfu",
+                        flag_values=args)
+    flags.DEFINE_bool("json", False, "print JSON instead of a table", flag_values=args)
+    cli.parse_own_flags(args, argv, __doc__.splitlines()[0])
     with exit_on_user_error():
         for name in ("flops", "device_flops", "hours", "context"):
             value = getattr(args, name)
@@ -219,8 +222,8 @@ def main(argv=None) -> None:
         if args.flops is None:
             cli.require(args.device_flops is not None and args.hours is not None,
                         "give --flops, or --device_flops and --hours (and optionally --mfu)")
-            args.flops = args.device_flops * args.mfu * args.hours * 3600
-    result = report(args.flops, args.context)
+    flops = args.flops or args.device_flops * args.mfu * args.hours * 3600
+    result = report(flops, args.context)
     print(json.dumps(result, indent=1) if args.json else explain(result))
 
 

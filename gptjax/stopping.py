@@ -1,13 +1,17 @@
-"""How a training run stops on Ctrl-C or SIGTERM (gptjax/interrupts.py turns both into a request): every process
-stops before the same step, the state it reached is saved, and the user is told which checkpoint a rerun resumes."""
+"""How a training run stops early. On Ctrl-C or SIGTERM (gptjax/interrupts.py turns both into a request): every
+process stops before the same step, the state it reached is saved, and the user is told which checkpoint a rerun
+resumes. On a NaN: nothing is saved, and the last good checkpoint is kept."""
 
+import math
+import os
 import sys
 
 import jax
 import numpy as np
 import optax
 
-from gptjax import checkpoints
+from gptjax import checkpoints, interrupts
+from gptjax.errors import UserError
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -47,3 +51,19 @@ def save_on_interrupt(state, start_step: int, manager, save, last: dict, workdir
         print(f"\nInterrupted at step {step}: {saved} in {directory}; rerun the same command to resume",
               file=sys.stderr)
     manager.wait_until_finished()
+
+
+def exit_stopped_before_training(workdir: str) -> None:
+    """Exits 130 for a stop requested before the first step, saying what a rerun finds."""
+    meta = checkpoints.latest_meta(workdir) if os.path.isdir(workdir) else None
+    kept = f"the latest checkpoint is step {meta['step']}" if meta else "no checkpoint was saved"
+    interrupts.exit_interrupted(f"Stopped before training: {kept} in {checkpoints.checkpoint_dir(workdir)}, and an "
+                                f"unfinished token cache resumes; rerun the same command to go on")
+
+
+def check_finite(loss: float, update_is_finite: bool, step: int, workdir: str) -> None:
+    """Stops the run, saving nothing, once the loss or the updated parameters are NaN or infinite."""
+    if not (math.isfinite(loss) and update_is_finite):
+        raise UserError(f"the loss or parameters became NaN/inf at step {step} (loss {loss}); stopped without saving, "
+                        f"the last good checkpoint is kept in {checkpoints.checkpoint_dir(workdir)}. Lower "
+                        f"train.learning_rate or set train.grad_clip, then rerun to resume")

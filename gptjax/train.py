@@ -12,7 +12,6 @@ if __name__ == "__main__":  # before the imports below take their seconds: Ctrl-
 
 import dataclasses
 import functools
-import math
 import os
 import sys
 from typing import Any
@@ -28,33 +27,23 @@ from tqdm import tqdm
 from gptjax import checkpoints, cli, hardware, input_pipeline, interrupts, kernels
 from gptjax import train_step as steps_lib
 from gptjax.configs import build_model_config, profile_steps, validate
-from gptjax.console import Speedometer, describe_fsdp, print_plan, sample_text, summary
-from gptjax.errors import UserError, check_workdir
+from gptjax.console import (Speedometer, describe_fsdp, eval_line, nothing_to_do, print_plan, sample_text,
+                            summary)
+from gptjax.errors import check_workdir
 from gptjax.evaluate import evaluate_loss
 from gptjax.metrics import MetricsLog
 from gptjax.model import ModelConfig
-from gptjax.preflight import (check_batch_layout, check_checkpoints_fit, check_evaluation_data, check_same_data,
-                              data_fingerprint)
+from gptjax.preflight import (check_batch_layout, check_checkpoints_fit, check_evaluation_data, check_restored,
+                              check_vocabulary, data_fingerprint)
 from gptjax.profiling import Trace
 from gptjax.scaling import flops_per_token, planned_steps
-from gptjax.stopping import RunInterrupted, save_on_interrupt, stop_agreed
+from gptjax.stopping import (RunInterrupted, check_finite, exit_stopped_before_training, save_on_interrupt,
+                             stop_agreed)
 from gptjax.tokenizer import load_text_codec
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The job, in named pieces: set_up -> initial_state -> print_plan -> train_loop (-> report, save, save_on_interrupt)
-
-
-def prepare_data(config, workdir: str) -> input_pipeline.TokenCache:
-    """Process 0 tokenizes (or finds the cache); the others wait for it and then open the same cache."""
-    if jax.process_count() == 1:
-        return input_pipeline.prepare(config, workdir)
-    from jax.experimental import multihost_utils
-
-    if jax.process_index() == 0:
-        input_pipeline.prepare(config, workdir)
-    multihost_utils.sync_global_devices("gptjax token cache ready")
-    return input_pipeline.prepare(config, workdir, progress=False)
 
 
 @dataclasses.dataclass
@@ -91,26 +80,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     stops it at the next safe point (gptjax/interrupts.py): before the first step, `interrupts.Interrupted`, having
     saved nothing new; in training, `RunInterrupted`, after saving the step it reached."""
     with interrupts.handled():
-        return train_and_evaluate_until_interrupted(config, workdir, progress)
-
-
-def train_and_evaluate_until_interrupted(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> dict:
-    run = set_up(config, workdir)
-    interrupts.check()
-    state, last = initial_state(run)
-    start_step, train = int(state.step), config.train
-    end_step = min(run.total_steps, train.stop_at_step) if train.stop_at_step > 0 else run.total_steps
-    if start_step >= end_step:
-        if run.is_chief:
-            print(f"The run in {workdir} is already at step {start_step} of {run.total_steps}: nothing to do. To "
-                  f"train longer, raise --config.train.steps (the learning-rate schedule then stretches to the new "
-                  f"end) or start a fresh --workdir")
-        run.manager.close()
-        return {"step": start_step, "total_steps": run.total_steps, **last}
-    print_plan(run, start_step)
-    interrupts.check()
-    step, last = train_loop(run, state, last, start_step, end_step, progress)
-    return {"step": step, "total_steps": run.total_steps, **last}
+        run = set_up(config, workdir)
+        interrupts.check()
+        state, last = initial_state(run)
+        start_step, train = int(state.step), config.train
+        end_step = min(run.total_steps, train.stop_at_step) if train.stop_at_step > 0 else run.total_steps
+        if start_step >= end_step:
+            if run.is_chief:
+                print(nothing_to_do(workdir, start_step, run.total_steps))
+            run.manager.close()
+            return {"step": start_step, "total_steps": run.total_steps, **last}
+        print_plan(run, start_step)
+        interrupts.check()
+        step, last = train_loop(run, state, last, start_step, end_step, progress)
+        return {"step": step, "total_steps": run.total_steps, **last}
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -125,15 +108,13 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     interrupts.reassert()
     model_config = build_model_config(config.model)
     tokenizer = load_text_codec(data.tokenizer)
-    if len(tokenizer) > model_config.vocab_size:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={model_config.vocab_size}; "
-                        f"raise model.vocab_size")
+    check_vocabulary(len(tokenizer), model_config.vocab_size)
     mesh = steps_lib.data_mesh()
     check_batch_layout(train, mesh.size, jax.process_count())
     check_checkpoints_fit(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     interrupts.check()
-    cache = prepare_data(config, workdir)  # the first step that can take long: everything above is checked first
+    cache = input_pipeline.prepare_once(config, workdir)  # the first long step: all above is checked first
     train_stream, eval_stream = cache.stream("train"), cache.stream("validation")
     input_pipeline.check_enough_tokens(train_stream, data.seq_len, "train")
     evaluate = check_evaluation_data(config, cache)
@@ -163,31 +144,21 @@ def initial_state(run: Run) -> tuple[steps_lib.TrainState, dict]:
                           jax.eval_shape(fresh_state), run.state_sharding)
     restored = checkpoints.restore_latest(run.manager, run.workdir, config.model.to_dict(), target.params,
                                           target.opt_state)
-    last, changed = {}, []  # model keys that differ from the checkpoint's, allowed
-    if restored is not None:
-        params, opt_state, meta = restored
-        if opt_state is None:  # a checkpoint of parameters alone (a converted model): a fresh optimizer
-            opt_state = jax.jit(run.optimizer.init, out_shardings=run.state_sharding.opt_state)(params)
-        # The step as the same int32 array a fresh state has, so the first resumed step reuses the compiled step.
-        step = jax.device_put(np.asarray(meta["step"], np.int32), run.state_sharding.step)
-        state = steps_lib.TrainState(step=step, params=params, opt_state=opt_state)
-        last = meta.get("metrics") or {}
-        check_same_data(meta, data_fingerprint(config, run.cache), train.accept_data_change)
-        changed = checkpoints.check_compatible(meta, config.model.to_dict(), run.workdir)
-        saved_as, here = meta.get("sharding"), {"train.sharding": train.sharding, "devices": run.mesh.size}
-        if saved_as and saved_as != here and run.is_chief:  # Orbax restored it into this run's layout
-            print(f"note     | the checkpoint was saved {saved_as['train.sharding']} over {saved_as['devices']} "
-                  f"device(s); restored {train.sharding} over {run.mesh.size}")
-        checkpoints.set_aside_newer(run.manager, run.workdir, meta["step"])  # damaged ones we are about to overwrite
-    else:
+    if restored is None:
         state = jax.jit(fresh_state, out_shardings=run.state_sharding)()
         if train.init_from:  # fine-tuning: someone else's parameters, our fresh optimizer and schedule
             params, _, meta = checkpoints.load_for_inference(train.init_from)
-            changed = checkpoints.check_compatible(meta, config.model.to_dict(), train.init_from)
+            check_restored(meta, config, train.init_from, run.is_chief)
             state = state.replace(params=jax.device_put(params, run.state_sharding.params))
-    if changed and run.is_chief:
-        print(f"note     | the checkpoint's parameters are used with {'; '.join(changed)} (these may change)")
-    return state, last
+        return state, {}
+    params, opt_state, meta = restored
+    if opt_state is None:  # a checkpoint of parameters alone (a converted model): a fresh optimizer
+        opt_state = jax.jit(run.optimizer.init, out_shardings=run.state_sharding.opt_state)(params)
+    check_restored(meta, config, run.workdir, run.is_chief, data_fingerprint(config, run.cache), run.mesh.size)
+    checkpoints.set_aside_newer(run.manager, run.workdir, meta["step"])  # damaged ones we are about to overwrite
+    # The step as the same int32 array a fresh state has, so the first resumed step reuses the compiled step.
+    step = jax.device_put(np.asarray(meta["step"], np.int32), run.state_sharding.step)
+    return steps_lib.TrainState(step=step, params=params, opt_state=opt_state), meta.get("metrics") or {}
 
 
 def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, progress: bool) -> tuple[int, dict]:
@@ -263,10 +234,7 @@ def report(run: Run, state, metrics: dict, losses: list, step: int, speed: "Spee
     train, data = run.config.train, run.config.data
     loss = float(np.mean(jax.device_get(losses)))  # waits for the step: the clock reads after it
     tokens_per_second = speed.tokens_per_second(step)
-    if not (math.isfinite(loss) and bool(metrics["update_is_finite"])):
-        raise UserError(f"the loss or parameters became NaN/inf at step {step} (loss {loss}); stopped without saving, "
-                        f"the last good checkpoint is kept in {checkpoints.checkpoint_dir(run.workdir)}. Lower "
-                        f"train.learning_rate or set train.grad_clip, then rerun to resume")
+    check_finite(loss, bool(metrics["update_is_finite"]), step, run.workdir)
     last = {"loss": loss, "learning_rate": float(run.schedule(step - 1)), "grad_norm": float(metrics["grad_norm"]),
             "tokens_per_second": tokens_per_second,
             "mfu": tokens_per_second * flops_per_token(run.model_config, data.seq_len) / (run.peak[0] *
@@ -274,11 +242,9 @@ def report(run: Run, state, metrics: dict, losses: list, step: int, speed: "Spee
     if evaluate:
         last.update(evaluate_loss(state.params, eval_fn, run.eval_stream, data.seq_len,
                                   train.batch_size // train.grad_accum_steps, train.eval_steps, run.mesh))
-        if run.is_chief and jax.process_count() == 1:
-            text = sample_text(state.params, run.model_config, run.tokenizer, train.seed + step)
-            shown = repr(text) if text else "'' (the model ended the text at once: end-of-text was its first token)"
-            bar.write(f"step {step}: eval loss {last['eval_loss']:.4f} (perplexity {last['eval_perplexity']:.1f}) | "
-                      f"sample: {shown}")
+        if run.is_chief and jax.process_count() == 1:  # a short sample, to watch the text improve
+            bar.write(eval_line(step, last, sample_text(state.params, run.model_config, run.tokenizer,
+                                                        train.seed + step)))
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tokens_per_second:,.0f}",
                     mfu=hardware.format_mfu(last["mfu"]))
     return last
@@ -305,10 +271,7 @@ def main():
     except RunInterrupted:  # it said what it saved
         sys.exit(130)
     except KeyboardInterrupt:  # a stop requested before the first step
-        meta = checkpoints.latest_meta(workdir) if os.path.isdir(workdir) else None
-        kept = f"the latest checkpoint is step {meta['step']}" if meta else "no checkpoint was saved"
-        interrupts.exit_interrupted(f"Stopped before training: {kept} in {checkpoints.checkpoint_dir(workdir)}, and an "
-                                    f"unfinished token cache resumes; rerun the same command to go on")
+        exit_stopped_before_training(workdir)
     if jax.process_index() == 0:
         print(summary(result, workdir))
 

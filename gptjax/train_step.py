@@ -19,7 +19,6 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptjax import kernels
-from gptjax.compat import shard_map  # jax.shard_map (jax.experimental.shard_map on the Apple stack's jax 0.5)
 from gptjax.model import GPT, ModelConfig, init_params
 
 
@@ -211,8 +210,12 @@ def make_train_step(model_config: ModelConfig, optimizer: optax.GradientTransfor
                              dropout_rng=jax.random.key(seed + 1), loss_chunk=loss_chunk,
                              axis_name="data" if per_device else None)
     if per_device:  # in: the state whole, the batch split along its B axis; out: the same state and metrics on each
-        step = shard_map(step, mesh, in_specs=(PartitionSpec(), PartitionSpec(None, "data")),
-                         out_specs=(PartitionSpec(), PartitionSpec()))
+        # check_vma=False: each device's gradient stays its own until the pmean. With JAX's default, shard_map
+        # tracks which values differ per device, and jax.grad would sum the replicated parameters' gradients over
+        # the devices itself (the pmean would then be of sums); the outputs are the same on every device by
+        # construction, as they come out of the pmean.
+        step = jax.shard_map(step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(None, "data")),
+                             out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,) if donate else ())

@@ -45,7 +45,7 @@ COMMAND_LINE_CASES = [
     ("gptjax.evaluate", ["--max_batches=-1"], "--max_batches=-1 must be >= 0"),
     ("gptjax.scaling", ["--flops", "-1"], "--flops=-1.0 must be a positive number"),
     ("gptjax.scaling", ["--flops", "1e17", "--mfu", "2"], "--mfu=2.0 must be in (0, 1]"),
-    ("gptjax.scaling", ["--flops", "lots"], "argument --flops: invalid float value: 'lots'"),
+    ("gptjax.scaling", ["--flops", "lots"], "flag --flops=lots: could not convert string to float: 'lots'"),
     ("benchmarks.run", ["--config", TINY, "--batch_size", "0"], "--batch_size=0 must be >= 1"),
     ("benchmarks.input_pipeline", ["--steps", "0"], "--steps=0 must be >= 1"),
     ("benchmarks.layers", ["--config", TINY, "--loss_chunk_tokens", "0,big"],

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import sampling
+from gptjax import kernels, sampling
 from gptjax.checkpoints import load_for_inference
 from gptjax.configs import load_config_file
 from gptjax.convert import convert
@@ -66,10 +66,11 @@ def test_bfloat16_output_layer_keeps_the_greedy_tokens_of_a_converted_model(hf_g
     params, model_config, _ = load_for_inference(str(tmp_path / "converted"))
     # Logits from the bfloat16 output layer, one row and several (two code paths), are float32's rounded.
     hidden_BxD = jax.random.normal(jax.random.key(0), (3, model_config.d_model))
-    exact_BxV = sampling.head_logits(hidden_BxD, sampling.output_head(params, model_config), 50257)
+    exact_BxV = kernels.head_logits(hidden_BxD, kernels.output_head(params, model_config))
+    textbook_BxV = GPT(model_config).apply({"params": params}, hidden_BxD[:, None], method=GPT.output_logits)[:, 0]
+    np.testing.assert_allclose(exact_BxV[:, :50257], textbook_BxV[:, :50257], rtol=1e-5, atol=1e-5)
     for rows in (1, 3):
-        rounded_BxV = sampling.head_logits(hidden_BxD[:rows], sampling.output_head(params, model_config, "bfloat16"),
-                                           50257)
+        rounded_BxV = kernels.head_logits(hidden_BxD[:rows], kernels.output_head(params, model_config, "bfloat16"))
         np.testing.assert_allclose(rounded_BxV[:, :50257], exact_BxV[:rows, :50257], atol=0.05 * float(
             jnp.abs(exact_BxV[:, :50257]).max()))
     # Greedy decoding of 40 tokens (past the 32-token window), 8 random prompts, one sample and two: measured, the

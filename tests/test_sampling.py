@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import sampling
+from gptjax import kernels, sampling
 from gptjax.model import GPT, ModelConfig
 from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
 
@@ -91,7 +91,7 @@ def test_a_decoding_step_updates_the_kv_cache_in_place_at_batch_1(params):
     state = sampling.DecodeState(tokens_BxL=jnp.zeros((1, CFG.max_len), jnp.int32), length=jnp.asarray(2),
                                  cache_position=jnp.asarray(2), logits_BxV=logits_BxV, cache=cache,
                                  done_B=jnp.zeros((1,), bool), rng=jax.random.key(0))
-    hlo = sampling.decode_steps.lower(params, sampling.output_head(params, CFG), state, jnp.asarray(4),
+    hlo = sampling.decode_steps.lower(params, kernels.output_head(params, CFG), state, jnp.asarray(4),
                                       model_config=CFG, slide=False, temperature=0.0, top_k=0, top_p=1.0,
                                       eos_id=-1).compile().as_text()
     cache_shape = "f32[" + ",".join(map(str, cache["blocks_0"]["attn"]["key"].shape)) + "]"
@@ -103,8 +103,9 @@ def test_a_decoding_step_updates_the_kv_cache_in_place_at_batch_1(params):
 
 def test_first_argmax_is_jnp_argmax_with_ties_to_the_first():
     logits_BxV = jnp.round(jax.random.normal(jax.random.key(0), (16, 50304)) * 2)  # many ties for the best
-    np.testing.assert_array_equal(jax.jit(sampling.first_argmax)(logits_BxV), jnp.argmax(logits_BxV, axis=-1))
-    assert int(sampling.first_argmax(jnp.array([[1.0, 3.0, 3.0, 2.0]]))[0]) == 1
+    np.testing.assert_array_equal(jax.jit(kernels.first_argmax)(logits_BxV), jnp.argmax(logits_BxV, axis=-1))
+    np.testing.assert_array_equal(jax.jit(kernels.argmax)(logits_BxV), jnp.argmax(logits_BxV, axis=-1))
+    assert int(kernels.first_argmax(jnp.array([[1.0, 3.0, 3.0, 2.0]]))[0]) == 1
 
 
 def test_top_k_never_leaves_the_k_best():

@@ -1,5 +1,6 @@
 """docs/tour.md cannot rot: every ```python block of it runs, in order, in one namespace, from the repository root."""
 
+import importlib.util
 import json
 import os
 import re
@@ -52,6 +53,22 @@ def test_the_line_counts_readme_quotes_are_true():
             actual = len(f.readlines())
         assert abs(actual - int(lines)) <= 0.1 * int(lines), f"README says {path} has ~{lines} lines; it has {actual}"
 
+
+def test_the_reading_path_page_is_the_code_and_at_most_800_lines():
+    """docs/reading_path.md is regenerated from the code here: a changed function on the path, or a path grown past
+    800 lines, fails until the page is rewritten (python docs/make_reading_path.py). The page's line count is the
+    one README quotes."""
+    spec = importlib.util.spec_from_file_location("make_reading_path", os.path.join(REPO_ROOT, "docs",
+                                                                                    "make_reading_path.py"))
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    page, code_lines = maker.render()
+    with open(maker.PAGE) as f:
+        assert f.read() == page, "docs/reading_path.md is stale: run python docs/make_reading_path.py"
+    assert code_lines <= maker.MAX_LINES == 800
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        quoted = re.search(r"reading_path\.md\)[^~]*~(\d+) lines", f.read())
+    assert quoted and abs(int(quoted.group(1)) - code_lines) <= 0.1 * code_lines, (quoted, code_lines)
 
 
 def test_every_stop_names_the_jax_idea_it_teaches():
