@@ -28,7 +28,7 @@ def describe_fsdp(abstract_params, devices: int) -> str:
 
 
 def print_plan(run, start_step: int) -> None:
-    """The lines a user reads before the first step: devices, model, data, budget, workdir (`run`: train.Run)."""
+    """The lines a user reads before the first step: devices, model, data, budget, workdir (`run`: gptjax.run.Run)."""
     if not run.is_chief:
         return
     cfg, data, cache = run.model_config, run.config.data, run.cache
