@@ -1,4 +1,5 @@
-"""train.sharding='fsdp': parameters and Adam moments split over the devices, the same numbers as one device."""
+"""Data parallelism and train.sharding='fsdp' over several devices: the same numbers as one device; fsdp splits
+parameters and Adam moments over the devices."""
 
 import json
 
@@ -8,12 +9,16 @@ from jax.sharding import PartitionSpec
 
 from gptjax import train_step as steps_lib
 from gptjax.console import describe_fsdp
+from tests.conftest import once_per_session
 from tests.test_train import run_on_four_host_devices
 
 pytestmark = pytest.mark.slow  # 4-device subprocesses: `pytest -m "not slow"` skips them
 
-FSDP_SCRIPT = """
-import tempfile
+# The 4-device checks share one subprocess (a fresh interpreter whose CPU is split into 4 XLA devices) and one
+# 1-device baseline: three steps of 2 micro-batches of 8 from the same state and batches. Each check runs after
+# SETUP in a copy of its namespace and prints whether it held, so one failing check does not hide the others.
+SETUP = """
+import re, tempfile, traceback
 import jax, numpy as np
 from jax.sharding import PartitionSpec
 from gptjax import checkpoints
@@ -51,6 +56,36 @@ def assert_same(a, b, atol):
 
 
 one_losses, one = run(jax.devices()[:1], "replicated", "shard_map")
+"""
+
+FOUR_DEVICE_CHECKS = {
+    # Data parallelism: 4 devices with the hand-written shard_map step, then with plain jit, train like 1.
+    "parity": """
+for parallelism in ("shard_map", "jit"):
+    losses, state = run(jax.devices(), "replicated", parallelism)
+    print("4 devices,", parallelism, losses, "1 device:", one_losses)
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+    assert_same(one.params, state.params, 1e-5)
+""",
+    # The gradient all-reduce sits in the step's entry computation, not in the micro-batch loop's body.
+    "all-reduce": """
+mesh = steps_lib.data_mesh()
+state = steps_lib.create_train_state(cfg, opt, seed=0)
+sharding = steps_lib.replicated_sharding(state, mesh)
+for loss_chunk in (0, 1024):
+    step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=False, loss_chunk=loss_chunk)
+    hlo = step.lower(state, np.zeros((4, 8, 17), np.int32)).compile().as_text()  # 4 micro-batches of 8
+    computation, where = None, []
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):
+            computation = line.split(" ")[0]
+        if re.search(r"= .*all-reduce(-start)?\\(", line):
+            where.append(computation)
+    print(loss_chunk, "all-reduce in:", where)
+    assert where and set(where) == {"ENTRY"}, where  # not in a loop body: once per step
+""",
+    # FSDP trains like 1 device with a quarter of the state on each, and its checkpoints move between layouts.
+    "fsdp": """
 for parallelism in ("jit",):  # the one the config accepts with fsdp (train_step.resolve_parallelism)
     losses, state = run(jax.devices(), "fsdp", parallelism)
     np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
@@ -83,13 +118,41 @@ for saved_name, saved_state in (("fsdp over 4", state), ("replicated on 1", one)
             for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(target_shardings.params)):
                 assert got.sharding == want, (got.sharding, want)
             print("saved", saved_name, "-> restored", name)
-print("FSDP OK")
+""",
+}
+
+FOUR_DEVICE_RUNNER = """
+for name, check in CHECKS.items():
+    try:
+        exec(compile(check, f"four-device check {name!r}", "exec"), dict(globals()))
+        print(f"CHECK {name} HELD")
+    except Exception:
+        print(f"CHECK {name} FAILED")
+        traceback.print_exc(file=sys.stdout)
 """
 
 
+def four_device_checks() -> str:
+    """The output of every FOUR_DEVICE_CHECKS script, run once per test session (whichever test asks first)."""
+    script = (f"import sys\nCHECKS = {FOUR_DEVICE_CHECKS!r}\n" + SETUP + FOUR_DEVICE_RUNNER)
+    return once_per_session("four_device_checks", lambda: run_on_four_host_devices(script, timeout=600))
+
+
+def assert_four_device_check(name: str) -> None:
+    output = four_device_checks()
+    assert f"CHECK {name} HELD" in output, output
+
+
+def test_four_devices_match_one_device_with_either_parallelism():
+    assert_four_device_check("parity")
+
+
+def test_gradients_cross_devices_once_per_step_not_once_per_micro_batch():
+    assert_four_device_check("all-reduce")
+
+
 def test_fsdp_over_four_devices_matches_one_device_and_checkpoints_move_between_them():
-    output = run_on_four_host_devices(FSDP_SCRIPT, timeout=600)
-    assert "FSDP OK" in output, output
+    assert_four_device_check("fsdp")
 
 
 @pytest.mark.parametrize("shape, devices, spec", [

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.conftest import TEST_XLA_FLAGS
 from tests.test_train import REPO_ROOT
 
 TOUR = os.path.join(REPO_ROOT, "docs", "tour.md")
@@ -35,7 +36,7 @@ def test_every_block_of_the_tour_runs_in_order(tmp_path):
         blocks = python_blocks(f.read())
     assert len(blocks) >= 12  # one per stop, at least
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)  # without a device count: the tour's first block sets it
     result = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json")], cwd=REPO_ROOT,
                             env=dict(env, PYTHONPATH=REPO_ROOT), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -22,6 +22,7 @@ from gptjax.configs import build_model_config, load_config_file
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig
 from gptjax.train import train_and_evaluate
+from tests.conftest import TEST_XLA_FLAGS
 
 pytestmark = pytest.mark.slow  # every test here trains, most in subprocesses: `pytest -m "not slow"` skips them
 
@@ -116,82 +117,14 @@ def test_gradient_accumulation_equals_one_bigger_batch():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-DEVICE_PARITY_SCRIPT = """
-import jax, numpy as np
-from gptjax import train_step as steps_lib
-from gptjax.configs import build_model_config
-from tests.test_train import small_config
-assert len(jax.devices()) == 4
-config = small_config()
-cfg = build_model_config(config.model)
-opt = steps_lib.make_optimizer(config.train, 10)
-batches = jax.random.randint(jax.random.key(1), (3, 2, 8, 17), 0, 50257)
-results = []
-for devices, parallelism in ((jax.devices()[:1], "shard_map"), (jax.devices(), "shard_map"), (jax.devices(), "jit")):
-    mesh = steps_lib.data_mesh(devices)
-    state = steps_lib.create_train_state(cfg, opt, seed=0)
-    sharding = steps_lib.replicated_sharding(state, mesh)
-    state = jax.device_put(state, sharding)
-    step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=True, parallelism=parallelism)
-    losses = []
-    for batch in batches:
-        spec = jax.sharding.PartitionSpec(None, "data")
-        state, metrics = step(state, steps_lib.global_batch(np.asarray(batch), mesh, spec))
-        losses.append(float(metrics["loss"]))
-    results.append((losses, state.params))
-    print(len(devices), "devices,", parallelism, losses)
-for losses, params in results[1:]:  # 4 devices (shard_map, then plain jit) against 1
-    np.testing.assert_allclose(results[0][0], losses, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(params)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-print("PARITY OK")
-"""
-
-
 def run_on_four_host_devices(script: str, timeout: int = 300) -> str:
     """Runs a Python script in a process whose CPU is split into 4 XLA devices; returns its stdout (with stderr's
     tail on failure, for the assertion message)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO_ROOT)
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=timeout)
     return result.stdout + ("" if result.returncode == 0 else result.stderr[-3000:])
-
-
-def test_four_devices_match_one_device_with_either_parallelism():
-    output = run_on_four_host_devices(DEVICE_PARITY_SCRIPT)
-    assert "PARITY OK" in output, output
-
-
-ALL_REDUCE_SCRIPT = """
-import re, jax, numpy as np
-from gptjax import train_step as steps_lib
-from gptjax.configs import build_model_config
-from tests.test_train import small_config
-config = small_config()
-cfg = build_model_config(config.model)
-opt = steps_lib.make_optimizer(config.train, 10)
-mesh = steps_lib.data_mesh()
-state = steps_lib.create_train_state(cfg, opt, seed=0)
-sharding = steps_lib.replicated_sharding(state, mesh)
-for loss_chunk in (0, 1024):
-    step = steps_lib.make_train_step(cfg, opt, mesh, sharding, seed=0, donate=False, loss_chunk=loss_chunk)
-    hlo = step.lower(state, np.zeros((4, 8, 17), np.int32)).compile().as_text()  # 4 micro-batches of 8
-    computation, where = None, []
-    for line in hlo.splitlines():
-        if line and not line.startswith(" "):
-            computation = line.split(" ")[0]
-        if re.search(r"= .*all-reduce(-start)?\\(", line):
-            where.append(computation)
-    print(loss_chunk, "all-reduce in:", where)
-    assert where and set(where) == {"ENTRY"}, where  # not in a loop body: once per step
-print("ONCE PER STEP")
-"""
-
-
-def test_gradients_cross_devices_once_per_step_not_once_per_micro_batch():
-    output = run_on_four_host_devices(ALL_REDUCE_SCRIPT)
-    assert "ONCE PER STEP" in output, output
 
 
 def test_resume_gives_the_same_run(tmp_path):
@@ -258,7 +191,7 @@ def test_compiled_programs_are_kept_on_disk_unless_turned_off(tmp_path):
 
 
 def test_ctrl_c_saves_a_restorable_checkpoint(tmp_path):
-    # SIGTERM (a scheduler's stop) takes the same path: test_a_signal_to_one_process_stops_both_at_the_same_step.
+    # SIGTERM (a scheduler's stop) takes the same path: test_a_signal_to_one_process_stops_both_at_the_same_step_...
     workdir = str(tmp_path)
     process = run_train_command(workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=100000")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -518,22 +451,9 @@ def start_two_processes(workdir, *overrides):
             for i in range(2)]
 
 
-def test_two_processes_with_fsdp_train_like_one(tmp_path):
-    # Each process holds and saves half of the state. Two replicated processes (the default) are compared with one
-    # in test_a_signal_to_one_process_stops_both_at_the_same_step.
-    common = ["--config.train.steps=3", "--config.train.checkpoint_every=3", "--config.train.async_checkpoints=false"]
-    train_and_evaluate(command_config(steps=3, checkpoint_every=3), str(tmp_path / "single"), progress=False)
-    workers = start_two_processes(str(tmp_path / "multi"), *common, "--config.train.sharding=fsdp")
-    outputs = [w.communicate(timeout=300) for w in workers]
-    for worker, (out, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err[-3000:]
-    single_losses = [m["loss"] for m in read_metrics(str(tmp_path / "single"))]
-    multi_losses = [m["loss"] for m in read_metrics(str(tmp_path / "multi"))]
-    np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
-    assert "2 process(es)" in outputs[0][0]
-
-
-def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_fsdp_resumes_like_one_process(tmp_path):
+    """Two processes (replicated, the default) stop together when one of them is signalled; two processes that each
+    hold and save half of the state (fsdp) go on from their checkpoint; every step's loss is one process's."""
     multi = str(tmp_path / "multi")
     common = ["--config.train.steps=1000", "--config.train.checkpoint_every=1000",
               "--config.train.async_checkpoints=false"]
@@ -551,10 +471,14 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     saved = checkpoints.make_manager(multi).all_steps()
     assert len(saved) == 1 and saved[0] >= 3, saved  # one checkpoint, written by both processes together
     assert f"Interrupted: saving step {saved[0]}" in outputs[0][1]
-    # The rerun goes on from there with the losses of a run that was never interrupted.
+    # The rerun, with fsdp, goes on from there with the losses of a run that was never interrupted.
     resume_to = saved[0] + 2
-    for worker in start_two_processes(multi, *common, f"--config.train.stop_at_step={resume_to}"):
-        assert worker.wait(timeout=300) == 0
+    workers = start_two_processes(multi, *common, f"--config.train.stop_at_step={resume_to}",
+                                  "--config.train.sharding=fsdp")
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "the checkpoint was saved replicated over 2 device(s); restored fsdp over 2" in outputs[0][0]
+    assert checkpoints.make_manager(multi).all_steps() == [saved[0], resume_to]
     train_and_evaluate(command_config(steps=1000, checkpoint_every=1000, stop_at_step=resume_to),
                        str(tmp_path / "straight"), progress=False)
     losses = [m["loss"] for m in read_metrics(multi)]
