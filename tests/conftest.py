@@ -52,6 +52,22 @@ def once_per_session(name: str, compute: Callable[[], str]) -> str:
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# Longest first. pytest-xdist hands each worker a contiguous share of the tests, and a worker that runs out takes
+# half of another's queue; a long test that starts near the end leaves the other core idle until it ends. So the
+# modules whose tests take longest (by --durations) lead, then every other slow test, and the quick ones come last,
+# where they fill the gaps. The order within a module is kept.
+LONGEST_FIRST = ("test_tour.py", "test_train.py", "test_sharding.py", "test_benchmarks.py", "test_convert.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        slow = item.get_closest_marker("slow") is not None
+        first = item.path.name in LONGEST_FIRST and slow
+        return (0 if first else 1 if slow else 2, LONGEST_FIRST.index(item.path.name) if first else 0)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture
 def small_model_config():
     """Two blocks of width 32 over GPT-2's real vocabulary: fast, but every code path of the full model."""

@@ -340,6 +340,13 @@ def test_a_bad_record_in_a_users_jsonl_is_one_line_naming_file_and_line(tmp_path
     line, message = BAD_RECORDS[kind]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"text": "A first document that reads well."}\n' + line + "\n", encoding="utf-8")
+    if kind != "not JSON":  # the same UserError, raised where the command's would be (a process costs seconds)
+        config = small_config()
+        config.data.update(dict(source="text", path=str(corpus)))
+        with pytest.raises(UserError) as error:
+            input_pipeline.prepare(config, str(tmp_path / "run"), progress=False)
+        assert str(error.value).startswith(f"{corpus} {message}") and "\n" not in str(error.value)
+        return
     result = run_module("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={tmp_path / 'run'}",
                         *SMALL_SHAPE, "--config.data.source=text", f"--config.data.path={corpus}", timeout=120)
     # The tokenizing progress bar, then one error line (what was tokenized before it is kept for a rerun).
