@@ -1,7 +1,10 @@
 """Shared test setup: the repository root on sys.path, and small model configs that run fast on a laptop CPU."""
 
 import fcntl
+import json
 import os
+import select
+import subprocess
 import sys
 import tempfile
 from typing import Callable
@@ -47,25 +50,65 @@ def once_per_session(name: str, compute: Callable[[], str]) -> str:
             return f.read()
 
 
+# Commands that end at a flag or a config check: a process per case, as a user runs them, without paying Python's
+# and JAX's start (~2-3 s each, a minute or more of the suite over its ~40 cases). One server process per test
+# process imports what every command imports (never starting a JAX backend, so a fork is safe) and forks a child
+# per command, which runs the module as `python -m` does, with its own output, exit status and cwd.
+COMMAND_SERVER = """
+import io, json, os, runpy, sys, traceback
+import jax, numpy, absl.app, ml_collections, gptjax.cli, gptjax.configs  # noqa: F401  what every command imports
+
+for request in sys.stdin:
+    module, args, out_path, err_path = json.loads(request)
+    pid = os.fork()
+    if pid == 0:  # the command
+        code = 0
+        try:
+            for fd, path in ((1, out_path), (2, err_path)):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            sys.stdin = io.StringIO()
+            sys.argv = [module, *args]
+            sys.modules.pop(module, None)  # imported here (gptjax.configs): run afresh, as `python -m` does
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+"""
+_command_server = None
+
+
+def run_command_forked(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root in a forked process (see COMMAND_SERVER): the exit status,
+    stdout and stderr a user would see, for commands that stop before any real work."""
+    global _command_server
+    if _command_server is None or _command_server.poll() is not None:
+        _command_server = subprocess.Popen([sys.executable, "-c", COMMAND_SERVER], cwd=REPO_ROOT, text=True,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    with tempfile.TemporaryDirectory() as directory:
+        out, err = os.path.join(directory, "out"), os.path.join(directory, "err")
+        _command_server.stdin.write(json.dumps([module, list(args), out, err]) + "\n")
+        _command_server.stdin.flush()
+        if not select.select([_command_server.stdout], [], [], timeout)[0]:
+            _command_server.kill()  # and its child with it, as the next call starts a new one
+            raise TimeoutError(f"python -m {module} {' '.join(args)} ran past {timeout} s")
+        returncode = json.loads(_command_server.stdout.readline())
+        with open(out) as f_out, open(err) as f_err:
+            return subprocess.CompletedProcess([module, *args], returncode, f_out.read(), f_err.read())
+
+
 # The tests compare numbers to ~1e-5; on a GPU float32 matmuls default to TF32 (~1e-3), so ask for full precision.
 # CPUs always compute float32 in full.
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-# Longest first. pytest-xdist hands each worker a contiguous share of the tests, and a worker that runs out takes
-# half of another's queue; a long test that starts near the end leaves the other core idle until it ends. So the
-# modules whose tests take longest (by --durations) lead, then every other slow test, and the quick ones come last,
-# where they fill the gaps. The order within a module is kept.
-LONGEST_FIRST = ("test_tour.py", "test_train.py", "test_sharding.py", "test_benchmarks.py", "test_convert.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        slow = item.get_closest_marker("slow") is not None
-        first = item.path.name in LONGEST_FIRST and slow
-        return (0 if first else 1 if slow else 2, LONGEST_FIRST.index(item.path.name) if first else 0)
-
-    items.sort(key=rank)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from gptjax.errors import UserError
 from gptjax.console import summary
 from gptjax.stopping import save_on_interrupt
 from gptjax.train import train_and_evaluate
+from tests.conftest import run_command_forked
 from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
 
 TINY = os.path.join(REPO_ROOT, "experiments/tiny.py")
@@ -81,7 +82,7 @@ def assert_one_error_line(result, expected: str) -> None:
 @pytest.mark.parametrize("module, args, expected", COMMAND_LINE_CASES,
                          ids=[f"{m}-{' '.join(a)}" for m, a, _ in COMMAND_LINE_CASES])
 def test_command_line_mistakes_are_one_line(module, args, expected):
-    assert_one_error_line(run_module(module, *args, timeout=120), expected)
+    assert_one_error_line(run_command_forked(module, *args), expected)
 
 
 @pytest.mark.slow
@@ -92,7 +93,7 @@ def test_command_line_mistakes_are_one_line(module, args, expected):
 def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path, module, args):
     path = tmp_path / "notes.txt"
     path.write_text("my notes")
-    assert_one_error_line(run_module(module, f"--workdir={path}", *args, timeout=120),
+    assert_one_error_line(run_command_forked(module, f"--workdir={path}", *args),
                           f"--workdir '{path}' is a file, not a directory")
     assert path.read_text() == "my notes"
 

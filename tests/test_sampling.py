@@ -11,6 +11,7 @@ import pytest
 
 from gptjax import kernels, sampling
 from gptjax.model import GPT, ModelConfig
+from tests.conftest import run_command_forked
 from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
 
 CFG = ModelConfig(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64)
@@ -180,7 +181,7 @@ def test_sample_command_streams_text(trained_workdir, monkeypatch):
     (["--prompt_file=/no/such/file"], "cannot read --prompt_file"),
 ])
 def test_bad_sample_options_are_one_line_errors(trained_workdir, args, message):
-    result = run_module("gptjax.sample", f"--workdir={trained_workdir}", *args)
+    result = run_command_forked("gptjax.sample", f"--workdir={trained_workdir}", *args)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: " + message)
 
@@ -188,7 +189,7 @@ def test_bad_sample_options_are_one_line_errors(trained_workdir, args, message):
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["gptjax.sample", "gptjax.evaluate"])
 def test_a_step_without_a_checkpoint_lists_the_steps_there_are(trained_workdir, module):
-    result = run_module(module, f"--workdir={trained_workdir}", "--step=5")
+    result = run_command_forked(module, f"--workdir={trained_workdir}", "--step=5")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: there is no checkpoint for --step 5 in {trained_workdir}/checkpoints; its steps are [6] (leave "
@@ -198,7 +199,7 @@ def test_a_step_without_a_checkpoint_lists_the_steps_there_are(trained_workdir, 
 @pytest.mark.slow
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     for module in ("gptjax.sample", "gptjax.evaluate"):
-        result = run_module(module, f"--workdir={tmp_path}")
+        result = run_command_forked(module, f"--workdir={tmp_path}")
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1].startswith("error: no checkpoints in")
 
