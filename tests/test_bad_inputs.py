@@ -313,8 +313,8 @@ def test_what_the_config_and_checkpoints_can_tell_is_refused_before_any_data_wor
         args += ["--config.data.source=text", f"--config.data.path={tmp_path / 'corpus' / '*.txt'}"]
         expected = f"data.path='{tmp_path / 'corpus' / '*.txt'}' matches no files"
     saved = sorted(os.listdir(os.path.join(trained_run, "checkpoints")))
-    assert_one_error_line(run_module("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={workdir}", *args,
-                                     timeout=120), expected)
+    assert_one_error_line(run_command_forked("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={workdir}",
+                                             *args), expected)
     assert not cache.exists()  # no token cache, not even an empty directory
     assert sorted(os.listdir(os.path.join(trained_run, "checkpoints"))) == saved
 
@@ -368,11 +368,12 @@ def test_a_bad_parquet_column_and_bad_lambada_files_are_one_line(tmp_path, train
         input_pipeline.prepare(config, str(tmp_path / "run"), progress=False)
     plain = tmp_path / "lambada.txt"
     plain.write_text("A plain text line, not JSON\n")
-    assert_one_error_line(run_module("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={plain}"),
+    assert_one_error_line(run_command_forked("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={plain}"),
                           f"{plain} line 1 is not JSON (Expecting value: column 1)")
     other_field = tmp_path / "lambada.jsonl"
     other_field.write_text('{"passage": "the cat sat on the mat"}\n')
-    assert_one_error_line(run_module("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={other_field}"),
+    assert_one_error_line(run_command_forked("gptjax.evaluate", f"--workdir={trained_run}",
+                                             f"--lambada={other_field}"),
                           f"{other_field} line 1 has no text field 'text' (it has ['passage']); pass --text_field")
     result = run_module("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={other_field}",
                         "--text_field=passage")
@@ -384,7 +385,7 @@ def test_evaluating_a_run_that_held_nothing_out_names_the_fixes(tmp_path):
     config = small_config(steps=1)
     config.data.eval_fraction = 0.0
     train_and_evaluate(config, str(tmp_path), progress=False)
-    assert_one_error_line(run_module("gptjax.evaluate", f"--workdir={tmp_path}", timeout=120),
+    assert_one_error_line(run_command_forked("gptjax.evaluate", f"--workdir={tmp_path}"),
                           f"the run in {tmp_path} was trained with data.eval_fraction=0: it held out no documents to "
                           f"evaluate on; pass --split train")
     result = run_module("gptjax.evaluate", f"--workdir={tmp_path}", "--split=train", "--max_batches=1", timeout=120)

@@ -209,11 +209,11 @@ def test_a_folder_of_runs_or_a_checkpoints_folder_points_at_the_run(trained_work
     runs = tmp_path / "runs"  # as runs/ after the quickstart: a folder holding a run (and something that is not one)
     (runs / "notes").mkdir(parents=True)
     os.symlink(trained_workdir, runs / "tiny")
-    result = run_module("gptjax.sample", f"--workdir={runs}")
+    result = run_command_forked("gptjax.sample", f"--workdir={runs}")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: {runs} holds runs, not checkpoints; pass one of them as --workdir: {runs / 'tiny'}"]
     checkpoints_folder = os.path.join(trained_workdir, "checkpoints")
-    result = run_module("gptjax.evaluate", f"--workdir={checkpoints_folder}")
+    result = run_command_forked("gptjax.evaluate", f"--workdir={checkpoints_folder}")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: {checkpoints_folder} is the checkpoints folder of a run; pass the run itself: --workdir "
         f"{trained_workdir}"]
