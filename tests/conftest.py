@@ -34,7 +34,6 @@ import jax  # noqa: E402
 from gptjax.model import ModelConfig  # noqa: E402
 
 
-
 def once_per_session(name: str, compute: Callable[[], str]) -> str:
     """compute()'s text, computed once per test session by whichever test asks first, on whichever xdist worker:
     kept in the session's cache directory, under a lock that makes a second asker wait for the first."""
@@ -51,7 +50,7 @@ def once_per_session(name: str, compute: Callable[[], str]) -> str:
 
 
 # Commands that end at a flag or a config check: a process per case, as a user runs them, without paying Python's
-# and JAX's start (~2-3 s each, a minute or more of the suite over its ~40 cases). One server process per test
+# and JAX's start (~2-3 s each, minutes of the suite over its ~50 cases). One server process per test
 # process imports what every command imports (never starting a JAX backend, so a fork is safe) and forks a child
 # per command, which runs the module as `python -m` does, with its own output, exit status and cwd.
 COMMAND_SERVER = """
