@@ -49,10 +49,12 @@ def once_per_session(name: str, compute: Callable[[], str]) -> str:
             return f.read()
 
 
-# Commands that end at a flag or a config check: a process per case, as a user runs them, without paying Python's
-# and JAX's start (~2-3 s each, minutes of the suite over its ~50 cases). One server process per test
-# process imports what every command imports (never starting a JAX backend, so a fork is safe) and forks a child
-# per command, which runs the module as `python -m` does, with its own output, exit status and cwd.
+# Commands whose interpreter start is not what a test is about (a flag or config mistake, an evaluation): a process
+# per command, as a user runs it, without paying Python's and JAX's start each time (~2-3 s, minutes of the suite
+# over its ~60 commands). One server process per test process imports what every command imports (never starting a
+# JAX backend, so a fork is safe) and forks a child per command, which runs the module as `python -m` does, with its
+# own output, exit status and cwd. The tests of start-up itself (imports, --help, Ctrl-C, compiled programs kept,
+# several processes) start a fresh interpreter.
 COMMAND_SERVER = """
 import io, json, os, runpy, sys, traceback
 import jax, numpy, absl.app, ml_collections, gptjax.cli, gptjax.configs  # noqa: F401  what every command imports
@@ -87,7 +89,7 @@ _command_server = None
 
 def run_command_forked(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m module args` from the repository root in a forked process (see COMMAND_SERVER): the exit status,
-    stdout and stderr a user would see, for commands that stop before any real work."""
+    stdout and stderr a user would see."""
     global _command_server
     if _command_server is None or _command_server.poll() is not None:
         _command_server = subprocess.Popen([sys.executable, "-c", COMMAND_SERVER], cwd=REPO_ROOT, text=True,

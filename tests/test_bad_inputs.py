@@ -375,8 +375,8 @@ def test_a_bad_parquet_column_and_bad_lambada_files_are_one_line(tmp_path, train
     assert_one_error_line(run_command_forked("gptjax.evaluate", f"--workdir={trained_run}",
                                              f"--lambada={other_field}"),
                           f"{other_field} line 1 has no text field 'text' (it has ['passage']); pass --text_field")
-    result = run_module("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={other_field}",
-                        "--text_field=passage")
+    result = run_command_forked("gptjax.evaluate", f"--workdir={trained_run}", f"--lambada={other_field}",
+                                "--text_field=passage")
     assert result.returncode == 0 and '"lambada_examples": 1' in result.stdout, result.stderr[-2000:]
 
 
@@ -388,5 +388,5 @@ def test_evaluating_a_run_that_held_nothing_out_names_the_fixes(tmp_path):
     assert_one_error_line(run_command_forked("gptjax.evaluate", f"--workdir={tmp_path}"),
                           f"the run in {tmp_path} was trained with data.eval_fraction=0: it held out no documents to "
                           f"evaluate on; pass --split train")
-    result = run_module("gptjax.evaluate", f"--workdir={tmp_path}", "--split=train", "--max_batches=1", timeout=120)
+    result = run_command_forked("gptjax.evaluate", f"--workdir={tmp_path}", "--split=train", "--max_batches=1")
     assert result.returncode == 0 and '"eval_loss"' in result.stdout, result.stderr[-2000:]

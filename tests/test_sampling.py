@@ -221,7 +221,7 @@ def test_a_folder_of_runs_or_a_checkpoints_folder_points_at_the_run(trained_work
 
 @pytest.mark.slow
 def test_evaluate_equals_the_eval_loss_logged_in_training(trained_workdir, tmp_path):
-    result = run_module("gptjax.evaluate", f"--workdir={trained_workdir}")
+    result = run_command_forked("gptjax.evaluate", f"--workdir={trained_workdir}")
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     logged = read_metrics(trained_workdir)[-1]
@@ -230,8 +230,8 @@ def test_evaluate_equals_the_eval_loss_logged_in_training(trained_workdir, tmp_p
     assert 0 < measured["eval_bits_per_byte"] < measured["eval_loss"]
     with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
         (tmp_path / "readme.txt").write_text(f.read(), encoding="utf-8")
-    whole = json.loads(run_module("gptjax.evaluate", f"--workdir={trained_workdir}", "--max_batches=0",
-                                  "--source=text", f"--path={tmp_path / 'readme.txt'}", "--split=train")
+    whole = json.loads(run_command_forked("gptjax.evaluate", f"--workdir={trained_workdir}", "--max_batches=0",
+                                          "--source=text", f"--path={tmp_path / 'readme.txt'}", "--split=train")
                        .stdout.strip().splitlines()[-1])
     assert whole["source"] == "text" and whole["eval_tokens"] > 0
 
@@ -254,8 +254,9 @@ def test_word_level_perplexity_divides_the_total_loss_by_the_words(trained_workd
     text = " ".join(topics["class"].split())  # word-tokenized, as WikiText: words separated by single spaces
     # README's WikiText command, on a file named as WikiText publishes its test split.
     (tmp_path / "wiki.test.tokens").write_text(text, encoding="utf-8")
-    result = run_module("gptjax.evaluate", f"--workdir={trained_workdir}", "--source=text",
-                        f"--path={tmp_path / 'wiki.test.tokens'}", "--split=train", "--max_batches=0", "--words")
+    result = run_command_forked("gptjax.evaluate", f"--workdir={trained_workdir}", "--source=text",
+                                f"--path={tmp_path / 'wiki.test.tokens'}", "--split=train", "--max_batches=0",
+                                "--words")
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     tokenizer = load_tokenizer()
@@ -288,12 +289,14 @@ def test_lambada_last_word_accuracy_counts_greedy_hits(trained_workdir, tmp_path
     with open(tmp_path / "lambada.jsonl", "w", encoding="utf-8") as f:
         for text in hits + misses:
             f.write(json.dumps({"text": text}) + "\n")
-    result = run_module("gptjax.evaluate", f"--workdir={trained_workdir}", f"--lambada={tmp_path / 'lambada.jsonl'}")
+    result = run_command_forked("gptjax.evaluate", f"--workdir={trained_workdir}",
+                                f"--lambada={tmp_path / 'lambada.jsonl'}")
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["lambada_examples"] == 4 and measured["lambada_accuracy"] == 0.75
     (tmp_path / "one_word.jsonl").write_text(json.dumps({"text": "Hello"}) + "\n")
-    bad = run_module("gptjax.evaluate", f"--workdir={trained_workdir}", f"--lambada={tmp_path / 'one_word.jsonl'}")
+    bad = run_command_forked("gptjax.evaluate", f"--workdir={trained_workdir}",
+                             f"--lambada={tmp_path / 'one_word.jsonl'}")
     assert bad.returncode == 2 and "line 1 has fewer than two words" in bad.stderr
 
 

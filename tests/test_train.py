@@ -22,7 +22,7 @@ from gptjax.configs import build_model_config, load_config_file
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig
 from gptjax.train import train_and_evaluate
-from tests.conftest import TEST_XLA_FLAGS
+from tests.conftest import TEST_XLA_FLAGS, run_command_forked
 
 pytestmark = pytest.mark.slow  # every test here trains, most in subprocesses: `pytest -m "not slow"` skips them
 
@@ -378,7 +378,7 @@ def test_a_truncated_checkpoint_is_reported_in_one_line(tmp_path):
     arrays = os.path.join(checkpoints.checkpoint_dir(str(tmp_path)), "4", "params", "ocdbt.process_0", "d")
     for name in os.listdir(arrays):
         os.truncate(os.path.join(arrays, name), 10)
-    result = run_module("gptjax.sample", "--workdir", str(tmp_path), "--max_new_tokens", "2")
+    result = run_command_forked("gptjax.sample", "--workdir", str(tmp_path), "--max_new_tokens", "2")
     assert result.returncode == 0, result.stderr
     assert len(result.stderr.strip().splitlines()) == 2, result.stderr
     warning, header = result.stderr.strip().splitlines()
