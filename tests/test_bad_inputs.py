@@ -104,7 +104,7 @@ def test_help_exits_0_and_shows_config_and_how_to_list_the_keys():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--config:" in result.stdout and "--workdir:" in result.stdout
     assert "python -m gptjax.configs --config experiments/tiny.py" in result.stdout
-    listing = run_module("gptjax.configs", "--config", "experiments/m1.py", timeout=120)
+    listing = run_command_forked("gptjax.configs", "--config", "experiments/m1.py")
     assert listing.returncode == 0, listing.stderr[-2000:]
     assert "train.flop_budget = 1e+17\n    # Training compute budget in FLOPs" in listing.stdout
 

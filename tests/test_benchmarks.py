@@ -6,14 +6,15 @@ import os
 import pytest
 
 from gptjax.configs import load_config_file
-from tests.test_train import REPO_ROOT, run_module
+from tests.conftest import run_command_forked
+from tests.test_train import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # each runs a benchmark: `pytest -m "not slow"` skips them
 
 
 def test_benchmark_suite_reports_ratios_against_the_measured_peak():
-    result = run_module("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--repeats", "1",
-                        "--new_tokens", "8", timeout=600)
+    result = run_command_forked("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--repeats", "1",
+                                "--new_tokens", "8", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["train_tokens_per_second"] > 0 and report["eval_tokens_per_second"] > 0
@@ -29,7 +30,7 @@ def test_benchmark_suite_reports_ratios_against_the_measured_peak():
 
 
 def test_benchmark_overrides_are_checked_before_anything_runs():
-    result = run_module("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--attention", "flash")
+    result = run_command_forked("benchmarks.run", "--config", "experiments/tiny.py", "--quick", "--attention", "flash")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].endswith("model.attention='flash' is not one of "
                                                            "('auto', 'xla', 'chunked', 'cudnn')")

@@ -18,7 +18,8 @@ from gptjax.errors import UserError
 from gptjax.model import GPT
 from gptjax.tokenizer import load_tokenizer
 from gptjax.train import train_and_evaluate
-from tests.test_train import REPO_ROOT, read_metrics, run_module, small_config
+from tests.conftest import run_command_forked
+from tests.test_train import REPO_ROOT, read_metrics, small_config
 
 pytestmark = pytest.mark.slow  # PyTorch models and training runs: `pytest -m "not slow"` skips them
 
@@ -46,7 +47,7 @@ def converted(hf_gpt2, tmp_path_factory):
     it; the one that trains in a converted workdir converts its own."""
     _, directory = hf_gpt2
     workdir = str(tmp_path_factory.mktemp("converted"))
-    result = run_module("gptjax.convert", f"--hf={directory}", f"--workdir={workdir}")
+    result = run_command_forked("gptjax.convert", f"--hf={directory}", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-2000:]
     return workdir, json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -123,15 +124,15 @@ def test_the_readme_fine_tuning_recipe_runs_end_to_end(converted, tmp_path):
     converted, finetuned = converted[0], str(tmp_path / "finetuned")
     shape = ["--config.model.max_len=32", "--config.model.n_layer=2", "--config.model.n_head=4",
              "--config.model.d_model=64", "--config.model.d_ff=256"]  # the small GPT-2 above
-    result = run_module("gptjax.train", "--config", "experiments/gpt2_small.py", f"--workdir={finetuned}",
-                        f"--config.train.init_from={converted}", "--config.train.steps=2",
-                        "--config.train.learning_rate=6e-5", "--config.model.dropout=0.1", *shape,
-                        "--config.data.source=python_docs", "--config.train.batch_size=4",
-                        "--config.train.grad_accum_steps=1", "--config.train.eval_every=0")
+    result = run_command_forked("gptjax.train", "--config", "experiments/gpt2_small.py", f"--workdir={finetuned}",
+                                f"--config.train.init_from={converted}", "--config.train.steps=2",
+                                "--config.train.learning_rate=6e-5", "--config.model.dropout=0.1", *shape,
+                                "--config.data.source=python_docs", "--config.train.batch_size=4",
+                                "--config.train.grad_accum_steps=1", "--config.train.eval_every=0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("note     | the checkpoint's parameters are used with model.dropout=0.0 there, 0.1 here; "
             "model.dtype='float32' there, 'bfloat16' here (these may change)") in result.stdout
-    sample = run_module("gptjax.sample", f"--workdir={finetuned}", "--prompt=The", "--max_new_tokens=5")
+    sample = run_command_forked("gptjax.sample", f"--workdir={finetuned}", "--prompt=The", "--max_new_tokens=5")
     assert sample.returncode == 0 and sample.stdout.startswith("The"), sample.stderr[-2000:]
     # Another shape is refused (in this process: the command's one-line form of a UserError is tested in
     # test_train.py's test_checkpoint_from_another_shape_is_a_clear_error).
@@ -145,7 +146,7 @@ def test_the_readme_fine_tuning_recipe_runs_end_to_end(converted, tmp_path):
 def test_export_to_hugging_face_round_trips_with_equal_logits(hf_gpt2, converted, tmp_path):
     model, _ = hf_gpt2
     converted, exported = converted[0], str(tmp_path / "exported")
-    result = run_module("gptjax.convert", f"--workdir={converted}", f"--to_hf={exported}")
+    result = run_command_forked("gptjax.convert", f"--workdir={converted}", f"--to_hf={exported}")
     assert result.returncode == 0, result.stderr[-3000:]
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
     tokens = torch.tensor(np.random.default_rng(1).integers(0, 50257, size=(2, 32)))
@@ -161,14 +162,14 @@ def test_export_to_hugging_face_round_trips_with_equal_logits(hf_gpt2, converted
     with torch.no_grad():
         greedy = reloaded.generate(prompt_ids, max_new_tokens=4, do_sample=False, pad_token_id=50256)
     assert text == hf_tokenizer.decode(greedy[0])
-    again = run_module("gptjax.convert", f"--workdir={converted}", f"--to_hf={exported}")
+    again = run_command_forked("gptjax.convert", f"--workdir={converted}", f"--to_hf={exported}")
     assert again.returncode == 2 and "exists and is not an empty directory" in again.stderr  # nothing overwritten
 
 
 def test_export_refuses_layouts_gpt2_cannot_express(tmp_path):
 
     train_and_evaluate(small_config(steps=1), str(tmp_path / "run"), progress=False)  # sinusoidal positions, ReLU
-    result = run_module("gptjax.convert", f"--workdir={tmp_path / 'run'}", f"--to_hf={tmp_path / 'hf'}")
+    result = run_command_forked("gptjax.convert", f"--workdir={tmp_path / 'run'}", f"--to_hf={tmp_path / 'hf'}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: GPT-2 cannot express this model (model.pos_embedding='sinusoidal', model.activation='relu'); only "
@@ -189,7 +190,7 @@ def test_conversion_refuses_what_gptjax_would_compute_differently(hf_gpt2, tmp_p
     with open(os.path.join(edited, "config.json"), "w") as f:
         json.dump(hf_config, f)
     if key == "activation_function":
-        result = run_module("gptjax.convert", f"--hf={edited}", f"--workdir={tmp_path / 'converted'}")
+        result = run_command_forked("gptjax.convert", f"--hf={edited}", f"--workdir={tmp_path / 'converted'}")
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
             f"error: {key}={value!r}"), result.stderr[-2000:]
     else:  # the same UserError, raised where the command's would be (a process costs seconds)

@@ -166,9 +166,9 @@ def test_sample_command_streams_text(trained_workdir, monkeypatch):
     assert "gptjax.sampling" in imported and "tiktoken" in imported
     assert "transformers" not in imported and "torch" not in imported  # GPT-2's BPE by tiktoken: seconds saved
     monkeypatch.delenv("PYTHONPROFILEIMPORTTIME")
-    many = run_module("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=", "--num_samples=3",
-                      "--max_new_tokens=8", "--prompt_file=" + os.path.join(REPO_ROOT, "README.md"),
-                      "--head_dtype=bfloat16")
+    many = run_command_forked("gptjax.sample", f"--workdir={trained_workdir}", "--prompt=", "--num_samples=3",
+                              "--max_new_tokens=8", "--prompt_file=" + os.path.join(REPO_ROOT, "README.md"),
+                              "--head_dtype=bfloat16")
     assert many.returncode == 0 and many.stdout.count("--- sample") == 3
     assert "keeping its last 16" in many.stderr
 

@@ -279,9 +279,9 @@ def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path):
     other.model.d_model = 64
     with pytest.raises(UserError, match=r"another model shape \(model.d_model=32 there, 64 here\)"):
         train_and_evaluate(other, str(tmp_path), progress=False)
-    result = run_module("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={tmp_path}",
-                        "--config.model.max_len=16", "--config.model.n_layer=2", "--config.model.n_head=2",
-                        "--config.model.d_model=64", "--config.model.d_ff=64")
+    result = run_command_forked("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={tmp_path}",
+                                "--config.model.max_len=16", "--config.model.n_layer=2", "--config.model.n_head=2",
+                                "--config.model.d_model=64", "--config.model.d_ff=64")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in")
 
