@@ -23,9 +23,10 @@ if "GPTJAX_TEST_CACHE" not in os.environ:
 os.environ["XDG_CACHE_HOME"] = os.environ["GPTJAX_TEST_CACHE"]
 
 # The suite's time is mostly XLA compiling hundreds of small programs, whose run time is negligible: LLVM's cheapest
-# optimisation level compiles them about twice as fast. It changes how fast the machine code runs, not what it
-# computes (XLA's own graph passes, and so the memory plans the tests read, are the same). Set before JAX starts, so
-# this process, the xdist workers and every command a test starts inherit it; speed is measured in benchmarks/.
+# optimisation level compiles them about twice as fast. XLA's own graph passes, and so the memory plans the tests
+# read, are the same; the numbers differ only by float32 rounding, far inside the tests' tolerances
+# (test_the_tests_xla_level_changes_no_memory_plan_and_only_float_rounding). Set before JAX starts, so this
+# process, the xdist workers and every command a test starts inherit it; speed is measured in benchmarks/.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".split()))
 
@@ -53,18 +54,21 @@ def once_per_session(name: str, compute: Callable[[], str]) -> str:
 # per command, as a user runs it, without paying Python's and JAX's start each time (~2-3 s, minutes of the suite
 # over its ~60 commands). One server process per test process imports what every command imports (never starting a
 # JAX backend, so a fork is safe) and forks a child per command, which runs the module as `python -m` does, with its
-# own output, exit status and cwd. The tests of start-up itself (imports, --help, Ctrl-C, compiled programs kept,
-# several processes) start a fresh interpreter.
+# own output, exit status and cwd, and the asking test's environment (only what JAX reads at import is the
+# server's). The tests of start-up itself (imports, --help, Ctrl-C, compiled programs kept, several processes)
+# start a fresh interpreter.
 COMMAND_SERVER = """
 import io, json, os, runpy, sys, traceback
 import jax, numpy, absl.app, ml_collections, gptjax.cli, gptjax.configs  # noqa: F401  what every command imports
 
 for request in sys.stdin:
-    module, args, out_path, err_path = json.loads(request)
+    module, args, environment, out_path, err_path = json.loads(request)
     pid = os.fork()
     if pid == 0:  # the command
         code = 0
         try:
+            os.environ.clear()
+            os.environ.update(environment)  # the asking test's, as a subprocess would inherit it
             for fd, path in ((1, out_path), (2, err_path)):
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
             sys.stdin = io.StringIO()
@@ -97,7 +101,8 @@ def run_command_forked(module: str, *args: str, timeout: float = 120) -> subproc
                                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
     with tempfile.TemporaryDirectory() as directory:
         out, err = os.path.join(directory, "out"), os.path.join(directory, "err")
-        _command_server.stdin.write(json.dumps([module, list(args), out, err]) + "\n")
+        environment = dict(os.environ, PYTHONPATH=REPO_ROOT)
+        _command_server.stdin.write(json.dumps([module, list(args), environment, out, err]) + "\n")
         _command_server.stdin.flush()
         if not select.select([_command_server.stdout], [], [], timeout)[0]:
             _command_server.kill()  # and its child with it, as the next call starts a new one

@@ -2,6 +2,9 @@
 parameters and Adam moments over the devices."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -9,10 +12,21 @@ from jax.sharding import PartitionSpec
 
 from gptjax import train_step as steps_lib
 from gptjax.console import describe_fsdp
-from tests.conftest import once_per_session
-from tests.test_train import run_on_four_host_devices
+from tests.conftest import TEST_XLA_FLAGS, once_per_session
+from tests.test_train import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # 4-device subprocesses: `pytest -m "not slow"` skips them
+
+
+def run_on_four_host_devices(script: str, timeout: int = 300) -> str:
+    """Runs a Python script in a process whose CPU is split into 4 XLA devices; returns its stdout (with stderr's
+    tail on failure, for the assertion message)."""
+    env = dict(os.environ, XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO_ROOT)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    return result.stdout + ("" if result.returncode == 0 else result.stderr[-3000:])
+
 
 # The 4-device checks share one subprocess (a fresh interpreter whose CPU is split into 4 XLA devices) and one
 # 1-device baseline: three steps of 2 micro-batches of 8 from the same state and batches. Each check runs after

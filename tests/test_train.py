@@ -117,14 +117,44 @@ def test_gradient_accumulation_equals_one_bigger_batch():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def run_on_four_host_devices(script: str, timeout: int = 300) -> str:
-    """Runs a Python script in a process whose CPU is split into 4 XLA devices; returns its stdout (with stderr's
-    tail on failure, for the assertion message)."""
-    env = dict(os.environ, XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=timeout)
-    return result.stdout + ("" if result.returncode == 0 else result.stderr[-3000:])
+XLA_LEVEL_SCRIPT = """
+import json, jax, numpy as np
+from gptjax import train_step as steps_lib
+from gptjax.configs import build_model_config, load_config_file
+config = load_config_file("experiments/tiny.py")
+config.model.update(dict(max_len=16, n_layer=2, n_head=2, d_model=32, d_ff=64))  # small_config's model
+cfg = build_model_config(config.model)
+opt = steps_lib.make_optimizer(config.train, 10)
+state = steps_lib.create_train_state(cfg, opt, seed=0)
+mesh = steps_lib.data_mesh(jax.devices()[:1])
+step = steps_lib.make_train_step(cfg, opt, mesh, steps_lib.replicated_sharding(state, mesh), seed=0, donate=False)
+batch = np.asarray(jax.random.randint(jax.random.key(1), (2, 4, 17), 0, 50257))  # 2 micro-batches of 4
+plan = step.lower(state, batch).compile().memory_analysis()
+losses = []
+for _ in range(3):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+plan = {"temp_bytes": plan.temp_size_in_bytes, "argument_bytes": plan.argument_size_in_bytes}
+params = [float(np.abs(leaf).sum()) for leaf in jax.tree.leaves(state.params)]
+print(json.dumps({"plan": plan, "losses": losses, "params": params}))
+"""
+
+
+def test_the_tests_xla_level_changes_no_memory_plan_and_only_float_rounding():
+    """tests/conftest.py compiles every test's programs at XLA's cheapest LLVM level. The same train step at JAX's
+    default level has the same memory plan, and after 3 steps the same losses and parameters to float32 rounding
+    (measured: losses ~1e-7 apart, parameter sums up to ~6e-6, where Adam's first updates divide by |g| + eps),
+    far inside the 1e-5 the tests compare numbers to."""
+    runs = {}
+    for level, flags in (("default", ""), ("the tests'", TEST_XLA_FLAGS)):
+        result = subprocess.run([sys.executable, "-c", XLA_LEVEL_SCRIPT], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=REPO_ROOT))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[level] = json.loads(result.stdout.strip().splitlines()[-1])
+    default, tests = runs["default"], runs["the tests'"]
+    assert default["plan"] == tests["plan"]
+    np.testing.assert_allclose(tests["losses"], default["losses"], rtol=1e-6)
+    np.testing.assert_allclose(tests["params"], default["params"], rtol=1e-5)
 
 
 def test_resume_gives_the_same_run(tmp_path):
