@@ -60,6 +60,9 @@ KEYS = {
                             "(Hugging Face datasets)."),
     "data.name": ("", "Dataset name for 'tfds' (e.g. 'wikipedia/20230601.en') or 'hf' (e.g. 'wikimedia/wikipedia')."),
     "data.path": ("", "Local files for 'text': a path or glob of .txt, .jsonl or .parquet files."),
+    "data.eval_path": ("", "Local text files held out for validation (a path or glob, read as data.path is); when "
+                           "set, they are the whole validation split, every document of data.source trains and "
+                           "data.eval_fraction is not used."),
     "data.text_field": ("text", "Field that holds the document text in TFDS / HF / jsonl / parquet records."),
     "data.seq_len": (None, "Tokens per training sequence; follows model.max_len unless set (setting it leaves "
                            "model.max_len alone)."),
@@ -141,6 +144,40 @@ KEYS = {
     "train.num_processes": (1, "Number of processes in a multi-process run."),
     "train.process_id": (0, "This process's index in a multi-process run."),
 }
+
+
+# The keys of `python -m gptjax.sweep` (gptjax/sweep.py): an experiment for a sweep is base_config() plus a `sweep`
+# group (sweep_config()); its model, data and train groups are every run's, with the shape and budget set per run.
+SWEEP_KEYS = {
+    "sweep.budgets": ((1e12, 3e12, 1e13), "Training budgets C in FLOPs, one IsoFLOP profile each (at least two; ~3x "
+                                          "apart as in Hoffmann et al. 2022's figure 3)."),
+    "sweep.d_models": ((32, 48, 64, 96, 128), "Widths of the models trained at every budget, or one tuple of widths per "
+                                              "budget (smallest budget first), as Hoffmann et al. moved the sizes with "
+                                              "the budget: at least three each, spanning that budget's best; depth, "
+                                              "heads and d_ff follow by the rules below."),
+    "sweep.width_per_layer": (64, "Aspect rule: n_layer = d_model / width_per_layer, rounded half up, at least 1."),
+    "sweep.head_dim": (16, "Width of each attention head: n_head = d_model / head_dim (it must divide every d_model "
+                           "above it; a narrower model has one head); d_ff = 4 d_model."),
+    "sweep.warmup_fraction": (0.05, "Linear warmup over this fraction of each run's steps; the cosine then ends at the "
+                                    "run's last step (a longer schedule than the run biases the fit)."),
+    "sweep.min_steps": (20, "Refuse a run with fewer optimizer steps than this (its budget is too small for its size)."),
+    "sweep.max_epochs": (8.0, "Refuse a run that would pass over the training text more often than this (a warning "
+                              "above 4: repeated data biases the fit)."),
+    "sweep.count": ("total", "The parameter count N the fit and figure use: 'total' (every parameter, as Hoffmann et "
+                             "al.) or 'non_embedding' (without the token and position tables, as Kaplan et al. 2020); "
+                             "the summary reports both."),
+    "sweep.target_flops": (1e17, "The budget to extrapolate N_opt and D_opt to (the seed's run: 1e17)."),
+    "sweep.bootstrap": (1000, "Bootstrap resamples of the runs for the fits' 80% intervals."),
+    "sweep.expected_mfu": (0.5, "MFU assumed for the plan's projected time (of the measured matmul peak); the "
+                                "progress line uses the runs' own speed once one has finished."),
+}
+
+
+def sweep_config() -> ml_collections.ConfigDict:
+    """base_config() plus the `sweep` group of SWEEP_KEYS: what experiments/sweep.py starts from."""
+    config = base_config()
+    config.sweep = ml_collections.ConfigDict({key.split(".")[1]: default for key, (default, _) in SWEEP_KEYS.items()})
+    return config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -294,10 +331,11 @@ def build_model_config(model: Mapping[str, Any]) -> ModelConfig:
 def describe_keys(config: ml_collections.ConfigDict) -> str:
     """Every key of `config` as `group.key = value    # comment`, group by group."""
     lines = []
-    for group in ("model", "data", "train"):
-        for name, value in config[group].items():
+    meanings = {**KEYS, **SWEEP_KEYS}
+    for group in ("model", "data", "train", "sweep"):
+        for name, value in config.get(group, {}).items():
             key = f"{group}.{name}"
-            lines.append(f"{key} = {value!r}\n    # {KEYS[key][1]}")
+            lines.append(f"{key} = {value!r}\n    # {meanings[key][1]}")
     return "\n".join(lines)
 
 

@@ -188,6 +188,7 @@ def main():
     for key in ("source", "path", "name"):
         if getattr(FLAGS, key) is not None:
             config.data[key] = getattr(FLAGS, key)
+            config.data.eval_path = ""  # another corpus: its own documents, split by data.eval_fraction
     cache = input_pipeline.prepare(config, FLAGS.workdir)
     train = config.train
     batch_size = FLAGS.batch_size or train.batch_size // train.grad_accum_steps
@@ -198,7 +199,8 @@ def main():
     params_sharding = steps_lib.replicated_sharding(params, mesh)
     eval_chunk = kernels.eval_loss_chunk_tokens(train.get("loss_chunk_tokens", -1))
     eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding, loss_chunk=eval_chunk)
-    if FLAGS.split == "validation" and config.data.eval_fraction == 0 and FLAGS.path is None:
+    held_out_nothing = config.data.eval_fraction == 0 and not config.data.get("eval_path")
+    if FLAGS.split == "validation" and held_out_nothing and FLAGS.path is None:
         raise UserError(f"the run in {FLAGS.workdir} was trained with data.eval_fraction=0: it held out no documents "
                         f"to evaluate on; pass --split train to read its training text, or a corpus of its own "
                         f"whole: --source text --path FILE --split train")

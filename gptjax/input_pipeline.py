@@ -6,7 +6,8 @@ Two stages, as nanoGPT's prepare.py + train.py, but resumable and exact:
    Face `datasets`, local files and the built-in Python docs through `from_generator`), tokenizes them in batches
    (tiktoken on all cores, ids identical to Hugging Face's GPT-2 tokenizer), appends end-of-text after each document,
    and writes the token stream to disk once as uint16 shards with a JSON manifest. Every `1 / data.eval_fraction`-th
-   document goes to the validation split instead, so the two splits never share a document. An interrupted prepare
+   document goes to the validation split instead, so the two splits never share a document (with data.eval_path,
+   the validation split is those files instead, and every document of the source trains). An interrupted prepare
    resumes after the last shard it finished.
 
 2. `train_batches(...)` cuts the cached stream into windows of seq_len + 1 tokens (window w = tokens
@@ -119,16 +120,21 @@ def text_file_documents(data) -> Iterator[str]:
     """Documents from local .txt, .jsonl and .parquet files matched by data.path (a path or glob)."""
     if not data.path:
         raise UserError("data.source=text needs data.path, e.g. --config.data.path='corpus/*.txt'")
-    paths = sorted(p for pattern in data.path.split(",") for p in glob.glob(os.path.expanduser(pattern.strip()),
-                                                                            recursive=True))
+    return _text_file_documents(matching_files(data.path, "data.path"), data)
+
+
+def matching_files(pattern: str, key: str) -> list[str]:
+    """The files a comma-separated list of paths or globs matches, sorted; refuses none, or another kind of file."""
+    paths = sorted(p for part in pattern.split(",") for p in glob.glob(os.path.expanduser(part.strip()),
+                                                                      recursive=True))
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
-        raise UserError(f"data.path={data.path!r} matches no files; check the path or quote the glob")
+        raise UserError(f"{key}={pattern!r} matches no files; check the path or quote the glob")
     unknown = [p for p in paths if not p.endswith((*TEXT_EXTENSIONS, ".jsonl", ".parquet"))]
     if unknown:
-        raise UserError(f"{unknown[0]} is not {', '.join(TEXT_EXTENSIONS)}, .jsonl or .parquet; narrow data.path to "
+        raise UserError(f"{unknown[0]} is not {', '.join(TEXT_EXTENSIONS)}, .jsonl or .parquet; narrow {key} to "
                         f"those files (rename plain text to .txt)")
-    return _text_file_documents(paths, data)
+    return paths
 
 
 # Plain UTF-8 text: .txt, and WikiText's files as they are published (wiki.test.tokens).
@@ -306,6 +312,8 @@ def cache_key(data) -> dict:
     """Everything that changes the token stream; the cache directory is named after its hash."""
     key = {k: data[k] for k in ("source", "name", "hf_config", "split", "path", "data_dir", "text_field",
                                 "txt_documents", "utf8_errors", "tokenizer", "eval_fraction")}
+    if data.get("eval_path"):  # a held-out corpus of its own (caches without one keep the names they always had)
+        key["eval_path"] = data.eval_path
     dtype = token_dtype(data.tokenizer)
     if dtype != "uint16":  # GPT-2's caches keep the names they always had
         key["token_dtype"] = dtype
@@ -324,6 +332,23 @@ def cache_directory(data, workdir: str) -> str:
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = data.cache_dir or os.path.join(workdir, "data")
     return os.path.join(root, f"{data.source}-{digest}")
+
+
+def held_out_documents(data: ml_collections.ConfigDict):
+    """data.eval_path's documents (local text files, read as data.path's are) as a tf.data.Dataset, or None."""
+    if not data.get("eval_path"):
+        return None
+    matching_files(data.eval_path, "data.eval_path")  # a wrong path is named as the key the user set
+    held_out = ml_collections.ConfigDict(data.to_dict())
+    held_out.source, held_out.path = "text", data.eval_path
+    return documents_dataset(held_out)
+
+
+def tagged_documents(data: ml_collections.ConfigDict):
+    """(document, from data.eval_path) pairs: the source's documents, then data.eval_path's, as one dataset."""
+    documents = documents_dataset(data).map(lambda text: (text, False))
+    held_out = held_out_documents(data)
+    return documents if held_out is None else documents.concatenate(held_out.map(lambda text: (text, True)))
 
 
 def is_validation_document(index: int, eval_fraction: float) -> bool:
@@ -373,7 +398,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
     manifest["dtype"] = dtype = manifest.get("dtype", token_dtype(data.tokenizer))
     manifest["eos_id"] = eos_id
     done = manifest["documents_done"]
-    documents = documents_dataset(data).skip(done).batch(DOCUMENTS_PER_TOKENIZER_CALL)
+    documents = tagged_documents(data).skip(done).batch(DOCUMENTS_PER_TOKENIZER_CALL)
     documents = documents.with_options(dataset_options()).prefetch(2)
     buffers = {"train": [], "validation": []}
     buffered_tokens = 0
@@ -402,12 +427,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
     from tqdm import tqdm
 
     bar = tqdm(desc="tokenizing", unit=" docs", initial=done, disable=not progress)
-    for batch in documents.as_numpy_iterator():
+    for batch, from_eval_path in documents.as_numpy_iterator():
         texts = [decode_utf8(raw, f"document {done + i} of {describe_source(data)}", data.utf8_errors)
                  for i, raw in enumerate(batch)]
-        for ids in encode_batch(texts):
+        for ids, held_out in zip(encode_batch(texts), from_eval_path):
             if ids:  # an empty document adds nothing, not even a separator
-                split = "validation" if is_validation_document(done, data.eval_fraction) else "train"
+                if data.get("eval_path"):  # its files are the whole validation split
+                    split = "validation" if held_out else "train"
+                else:
+                    split = "validation" if is_validation_document(done, data.eval_fraction) else "train"
                 buffers[split].append(np.asarray(ids + [eos_id], dtype=np.int64))
                 buffered_tokens += len(ids) + 1
             done += 1

@@ -86,11 +86,14 @@ def check_evaluation_data(config: ml_collections.ConfigDict, cache: input_pipeli
     train, data = config.train, config.data
     if not train.eval_every:
         return False
-    if data.eval_fraction == 0:
+    if data.eval_fraction == 0 and not data.eval_path:
         print("note     | data.eval_fraction=0 holds out no documents: no held-out evaluation in this run")
         return False
     validation_tokens = cache.num_tokens("validation")
     if cache.stream("validation").num_windows(data.seq_len) == 0:
+        if data.eval_path:
+            raise UserError(f"the validation split (data.eval_path={data.eval_path!r}) has {validation_tokens} tokens, "
+                            f"fewer than one window of data.seq_len + 1 = {data.seq_len + 1}; hold out more text there")
         fixes = ["add more documents", "train without held-out evaluation (--config.data.eval_fraction=0)"]
         if data.source == "text" and data.txt_documents == "file":
             fixes.insert(0, "split .txt files into documents at blank lines (--config.data.txt_documents=blank_lines)")

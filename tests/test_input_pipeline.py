@@ -326,3 +326,22 @@ def test_a_tokenizer_past_65536_ids_gets_a_uint32_cache_of_its_own(tmp_path):
     np.testing.assert_array_equal(np.sort(tokens), np.sort(want))
     # GPT-2's cache is still uint16, under the directory name it always had (no dtype in its key).
     assert ip.token_dtype("gpt2") == "uint16" and "token_dtype" not in ip.cache_key(make_config().data)
+
+
+def test_a_held_out_file_is_the_whole_validation_split_and_every_source_document_trains(tmp_path):
+    # data.eval_path (the IsoFLOP sweep's WikiText test split): its documents, and only they, are held out; every
+    # document of data.path trains, whatever data.eval_fraction says; the cache is another one (its key has the path).
+    train_glob = write_txt_corpus(tmp_path / "corpus", DOCUMENTS[:6])
+    held_out_glob = write_txt_corpus(tmp_path / "held_out", DOCUMENTS[20:22])
+    config = make_config(path=train_glob, eval_path=held_out_glob)
+    cache = ip.prepare(config, str(tmp_path / "work"), progress=False)
+    for split, docs in (("train", DOCUMENTS[:6]), ("validation", DOCUMENTS[20:22])):
+        stream = cache.stream(split)
+        np.testing.assert_array_equal(stream.read(0, stream.num_tokens), expected_stream(docs))
+    assert cache.manifest["key"]["eval_path"] == held_out_glob
+    without = make_config(path=train_glob)
+    assert ip.cache_directory(without.data, "w") != ip.cache_directory(config.data, "w")
+    assert "eval_path" not in ip.cache_key(without.data)  # caches made before the key keep their names
+    with pytest.raises(UserError, match="data.eval_path='.*nothing.txt' matches no files"):
+        ip.prepare(make_config(path=train_glob, eval_path=str(tmp_path / "nothing.txt")), str(tmp_path / "w2"),
+                   progress=False)
