@@ -1,6 +1,6 @@
 """A minutes-on-a-laptop-CPU run: the quickstart and the end-to-end tests use it.
 
-It trains a 2-block GPT on the Python reference manual that ships with Python itself (`pydoc_data`, ~110k GPT-2
+It trains a 2-block GPT on the Python reference manual that ships with Python itself (`pydoc_data`, ~134k GPT-2
 tokens of English prose), so it needs no download. Point it at your own text with
 `--config.data.source=text --config.data.path='my_corpus/*.txt'`.
 """

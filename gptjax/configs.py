@@ -151,16 +151,17 @@ KEYS = {
 SWEEP_KEYS = {
     "sweep.budgets": ((1e12, 3e12, 1e13), "Training budgets C in FLOPs, one IsoFLOP profile each (at least two; ~3x "
                                           "apart as in Hoffmann et al. 2022's figure 3)."),
-    "sweep.d_models": ((32, 48, 64, 96, 128), "Widths of the models trained at every budget, or one tuple of widths per "
-                                              "budget (smallest budget first), as Hoffmann et al. moved the sizes with "
-                                              "the budget: at least three each, spanning that budget's best; depth, "
-                                              "heads and d_ff follow by the rules below."),
+    "sweep.d_models": ((32, 48, 64, 96, 128), "Widths of the models trained at every budget, or one tuple of widths "
+                                              "per budget (smallest budget first), as Hoffmann et al. moved the sizes "
+                                              "with the budget: at least three each, spanning that budget's best; "
+                                              "depth, heads and d_ff follow by the rules below."),
     "sweep.width_per_layer": (64, "Aspect rule: n_layer = d_model / width_per_layer, rounded half up, at least 1."),
     "sweep.head_dim": (16, "Width of each attention head: n_head = d_model / head_dim (it must divide every d_model "
                            "above it; a narrower model has one head); d_ff = 4 d_model."),
     "sweep.warmup_fraction": (0.05, "Linear warmup over this fraction of each run's steps; the cosine then ends at the "
                                     "run's last step (a longer schedule than the run biases the fit)."),
-    "sweep.min_steps": (20, "Refuse a run with fewer optimizer steps than this (its budget is too small for its size)."),
+    "sweep.min_steps": (20, "Refuse a run with fewer optimizer steps than this (its budget is too small for its "
+                            "size)."),
     "sweep.max_epochs": (8.0, "Refuse a run that would pass over the training text more often than this (a warning "
                               "above 4: repeated data biases the fit)."),
     "sweep.count": ("total", "The parameter count N the fit and figure use: 'total' (every parameter, as Hoffmann et "

@@ -232,7 +232,8 @@ class GPT(nn.Module):
         # With the fixed sinusoidal table, Vaswani et al.'s recipe: embeddings drawn N(0, 1/D), multiplied by sqrt(D)
         # on the way in (hidden_states). Token vectors then enter with RMS 1 beside the table's 0.71, and the tied
         # output layer still sees N(0, 1/D) weights (logits of std ~1 at init). Learned and rotary positions keep
-        # GPT-2's N(0, 0.02) and no multiplier. Measured against the alternatives: see README, "Embedding scale".
+        # GPT-2's N(0, 0.02) and no multiplier. Measured against the alternatives: docs/performance.md, "Embedding
+        # scale".
         embedding_std = cfg.d_model ** -0.5 if cfg.pos_embedding == "sinusoidal" else 0.02
         self.token_embedding = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
                                         param_dtype=jnp.float32, embedding_init=nn.initializers.normal(embedding_std))
