@@ -14,7 +14,7 @@ import pytest
 
 from gptjax import sweep as sweep_lib
 from gptjax import train_step as steps_lib
-from gptjax.configs import load_config_file
+from gptjax.configs import SWEEP_KEYS, describe_keys, load_config_file
 from gptjax.errors import UserError
 from gptjax.scaling import flops_per_token, param_count
 from tests.conftest import REPO_ROOT, run_command_forked
@@ -71,6 +71,13 @@ def test_each_budget_can_have_its_own_widths_as_in_the_paper(tmp_path):
     assert [r.name for r in runs] == ["C1e11_d8_L1", "C1e11_d16_L1", "C1e11_d32_L1", "C3e11_d16_L1", "C3e11_d32_L1",
                                       "C3e11_d48_L1"]
     assert runs[0].model.n_head == 1 and runs[0].model.head_dim == 8  # narrower than head_dim: one head
+
+
+def test_every_sweep_key_is_listed_with_its_comment():
+    listing = describe_keys(load_config_file(SWEEP))
+    for key, (_, meaning) in SWEEP_KEYS.items():
+        assert meaning.endswith(".") and "  " not in meaning, key
+        assert f"{key} = " in listing and f"    # {meaning}" in listing, key
 
 
 def test_non_embedding_count_by_hand():
