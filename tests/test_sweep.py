@@ -22,9 +22,9 @@ from tests.test_train import Output
 
 SWEEP = os.path.join(REPO_ROOT, "experiments", "sweep.py")
 WIKITEXT_SWEEP = os.path.join(REPO_ROOT, "experiments", "sweep_wikitext.py")
-# A sweep of seconds per run: 2 budgets x 3 widths of one block, 4 sequences of 64 tokens a step.
-TINY_OVERRIDES = {"sweep.budgets": (1e11, 3e11), "sweep.d_models": (16, 32, 48), "train.batch_size": 4,
-                  "sweep.min_steps": 5, "sweep.bootstrap": 100}
+# A sweep of seconds per run: 2 budgets x 3 widths of one block, 4 sequences of 64 tokens a step, 7 to 72 steps.
+TINY_OVERRIDES = {"sweep.budgets": (3e10, 9e10), "sweep.d_models": (16, 32, 48), "train.batch_size": 4,
+                  "train.log_every": 5, "sweep.min_steps": 5, "sweep.bootstrap": 100}
 
 
 def tiny_sweep_config(**overrides):
@@ -67,7 +67,9 @@ def test_every_run_spends_its_budget_to_within_one_step_and_its_schedule_ends_at
 
 
 def test_each_budget_can_have_its_own_widths_as_in_the_paper(tmp_path):
-    runs = sweep_lib.plan(tiny_sweep_config(**{"sweep.d_models": ((8, 16, 32), (16, 32, 48))}), str(tmp_path))
+    runs = sweep_lib.plan(tiny_sweep_config(**{"sweep.budgets": (1e11, 3e11), "sweep.d_models": ((8, 16, 32),
+                                                                                                 (16, 32, 48))}),
+                          str(tmp_path))
     assert [r.name for r in runs] == ["C1e11_d8_L1", "C1e11_d16_L1", "C1e11_d32_L1", "C3e11_d16_L1", "C3e11_d32_L1",
                                       "C3e11_d48_L1"]
     assert runs[0].model.n_head == 1 and runs[0].model.head_dim == 8  # narrower than head_dim: one head
@@ -124,26 +126,26 @@ def test_bad_sweeps_as_commands_are_one_line_and_a_corpus_too_small_is_refused_b
 def test_a_tiny_sweep_interrupted_and_resumed_equals_one_run_straight_through(tmp_path):
     straight = sweep_lib.run_sweep(tiny_sweep_config(), str(tmp_path / "straight"), progress=False)
 
-    # The same sweep as a command, Ctrl-C in the middle of its third run, then the same command again.
+    # The same sweep as a command, Ctrl-C in the middle of its fourth run (72 steps), then the same command again.
     workdir = tmp_path / "interrupted"
     command = [sys.executable, "-m", "gptjax.sweep", "--config", SWEEP, f"--workdir={workdir}", *as_flags()]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONPATH=REPO_ROOT))
     output = Output(process)
-    output.wait_for(process, "stdout", "run 3/6 C1e11_d48_L1")
-    third = workdir / "runs" / "C1e11_d48_L1"
+    output.wait_for(process, "stdout", "run 4/6 C9e10_d16_L1")
+    fourth = workdir / "runs" / "C9e10_d16_L1"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None and not (
-            (third / "metrics.jsonl").exists() and (third / "metrics.jsonl").read_text().strip()):
-        time.sleep(0.1)  # until its tenth step (of 26) is logged
+            (fourth / "metrics.jsonl").exists() and (fourth / "metrics.jsonl").read_text().strip()):
+        time.sleep(0.1)  # until its fifth step is logged
     process.send_signal(signal.SIGINT)
     stdout, stderr = output.finish(process)
     assert process.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("Sweep stopped: 2 run(s) finished; rerun the same command")
-    assert "Interrupted: saving step" in stderr and not (third / sweep_lib.RESULT).exists()
+    assert stderr.strip().splitlines()[-1].startswith("Sweep stopped: 3 run(s) finished; rerun the same command")
+    assert "Interrupted: saving step" in stderr and not (fourth / sweep_lib.RESULT).exists()
     resumed = run_command_forked("gptjax.sweep", "--config", SWEEP, f"--workdir={workdir}", *as_flags(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.count("finished before") == 2 and "resumed at step" in resumed.stdout
+    assert resumed.stdout.count("finished before") == 3 and "resumed at step" in resumed.stdout
     with open(workdir / "summary.json") as f:
         again = json.load(f)
 
@@ -162,14 +164,15 @@ def test_a_tiny_sweep_interrupted_and_resumed_equals_one_run_straight_through(tm
                             progress=False)
 
     # Every point is an ordinary run: its checkpoint, metrics and held-out loss at the last step.
+    planned = {run.name: run for run in sweep_lib.plan(tiny_sweep_config(), str(tmp_path / "straight"))}
     for run in straight["runs"]:
         run_dir = tmp_path / "straight" / "runs" / run["name"]
         with open(run_dir / "metrics.jsonl") as f:
             rows = [json.loads(line) for line in f]
         assert rows[-1]["step"] == run["steps"] and rows[-1]["eval_loss"] == run["loss"]
         assert [r for r in rows if "eval_loss" in r] == rows[-1:]  # held-out loss once, at the end
-        end = 3e-3 * 0.1
-        assert end < rows[-1]["learning_rate"] < end * 1.1  # the schedule's last step, near its end value
+        schedule = steps_lib.learning_rate_schedule(planned[run["name"]].config.train, run["steps"])
+        assert rows[-1]["learning_rate"] == pytest.approx(float(schedule(run["steps"] - 1)))  # its last step's
         assert max(int(step) for step in os.listdir(run_dir / "checkpoints")) == run["steps"]
         assert not math.isnan(run["loss"]) and run["flops_used"] <= run["flops"]
     for name in ("summary.md", "summary.json"):
@@ -177,4 +180,4 @@ def test_a_tiny_sweep_interrupted_and_resumed_equals_one_run_straight_through(tm
     with open(tmp_path / "straight" / "isoflop.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     markdown = (tmp_path / "straight" / "summary.md").read_text()
-    assert "| C1e11_d16_L1 |" in markdown and "## N counted as total (the default)" in markdown
+    assert "| C3e10_d16_L1 |" in markdown and "## N counted as total (the default)" in markdown
