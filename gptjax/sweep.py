@@ -33,6 +33,7 @@ from absl import flags
 from gptjax import cli, input_pipeline, interrupts, isoflop
 from gptjax.configs import SWEEP_KEYS, build_model_config, validate
 from gptjax.errors import UserError, check_workdir
+from gptjax.hardware import read_json
 from gptjax.input_pipeline import write_atomically
 from gptjax.model import ModelConfig
 from gptjax.scaling import describe, fitted_optimum, flops_per_token, param_count, planned_steps
@@ -140,14 +141,14 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[PlannedRun]:
             run.model.update(shape_of(sweep, d_model))
             run.train.steps, run.train.flop_budget = 0, float(flops)
             model = build_model_config(run.model)
-            steps = planned_steps(run, model)
+            steps = planned_steps(run, model)  # at least 1, so the budget's whole steps are counted here
             tokens_per_step = run.train.batch_size * run.data.seq_len
-            if flops < flops_per_token(model, run.data.seq_len) * tokens_per_step * sweep.min_steps:
+            whole_steps = int(flops // (flops_per_token(model, run.data.seq_len) * tokens_per_step))
+            if whole_steps < sweep.min_steps:
                 raise UserError(
                     f"the budget {flops:.3g} FLOPs buys d_model={d_model} ({model.n_layer} layers) only "
-                    f"{int(flops // (flops_per_token(model, run.data.seq_len) * tokens_per_step))} steps of "
-                    f"{tokens_per_step} tokens, fewer than sweep.min_steps={sweep.min_steps}; raise the smallest "
-                    f"budget, lower train.batch_size, or drop the widest widths")
+                    f"{whole_steps} steps of {tokens_per_step} tokens, fewer than sweep.min_steps={sweep.min_steps}; "
+                    f"raise the smallest budget, lower train.batch_size, or drop the widest widths")
             run.train.warmup_steps = max(1, round(sweep.warmup_fraction * steps))
             run.train.eval_every = steps  # the held-out loss once, at the end: the point of the profile
             run.train.checkpoint_every = min(run.train.checkpoint_every, steps)
@@ -213,7 +214,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, progress: bool = 
         total = sum(r.flops_used for r in runs)
         for line in plan_lines(runs, train_tokens, total / expected, expected) + warnings:
             print(line)
-        finished = {run.name: read_json(os.path.join(workdir, "runs", run.name, RESULT)) for run in runs}
+        # hardware.read_json: {} where there is none (or it is unreadable: the run is then trained again)
+        finished = {run.name: read_json(os.path.join(workdir, "runs", run.name, RESULT)) or None for run in runs}
         for run in runs:  # before any training: a finished run is reused only by the config that trained it
             if finished[run.name] is not None and finished[run.name].get("config") != run.config.to_dict():
                 raise UserError(f"{os.path.join(workdir, 'runs', run.name)} holds a finished run of another config "
@@ -243,18 +245,19 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, progress: bool = 
 def train_one(run: PlannedRun, run_dir: str, train_tokens: int, progress: bool, train_and_evaluate) -> dict:
     """Trains (or resumes) one point and records its result in run_dir/sweep_result.json."""
     wall_path = os.path.join(run_dir, WALL)
-    earlier = (read_json(wall_path) or {}).get("seconds", 0.0)
+    earlier = read_json(wall_path).get("seconds", 0.0)
     start = time.perf_counter()
     try:
         metrics = train_and_evaluate(run.config, run_dir, progress=progress)
     finally:
+        wall_seconds = earlier + time.perf_counter() - start
         if os.path.isdir(run_dir):
-            write_atomically(wall_path, json.dumps({"seconds": earlier + time.perf_counter() - start}).encode())
+            write_atomically(wall_path, json.dumps({"seconds": wall_seconds}).encode())
     result = {"name": run.name, "flops": run.flops, "flops_used": run.flops_used, "n_layer": run.model.n_layer,
               "d_model": run.model.d_model, "n_head": run.model.n_head, "d_ff": run.model.d_ff,
               "params": run.params, "non_embedding_params": run.non_embedding_params, "steps": run.steps,
               "tokens": run.tokens, "epochs": run.tokens / train_tokens, "loss": metrics["eval_loss"],
-              "train_loss": metrics["loss"], "wall_seconds": earlier + time.perf_counter() - start,
+              "train_loss": metrics["loss"], "wall_seconds": wall_seconds,
               "tokens_per_second": metrics["tokens_per_second"], "mfu": metrics["mfu"],
               "config": run.config.to_dict()}
     write_atomically(os.path.join(run_dir, RESULT), json.dumps(result, indent=1).encode())
@@ -278,13 +281,6 @@ def progress_line(index: int, runs: list[PlannedRun], results: list[dict], spent
     return (f"sweep    | run {index + 1}/{len(runs)} {run.name}: {run.model.n_layer} layers x d_model "
             f"{run.model.d_model}, {run.steps} steps | {100 * done / total:.0f}% of the FLOPs done | ~{left / 60:.0f} "
             f"min left")
-
-
-def read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------------------
