@@ -66,6 +66,25 @@ def test_every_run_spends_its_budget_to_within_one_step_and_its_schedule_ends_at
         assert run.config.data.cache_dir == os.path.join(str(tmp_path), "data")  # one token cache for all
 
 
+@pytest.mark.parametrize("path", [SWEEP, WIKITEXT_SWEEP])
+def test_every_run_is_evaluated_on_the_same_held_out_windows(path, tmp_path):
+    # Evaluation reads the first eval_steps batches of the validation stream in order (input_pipeline.eval_batches):
+    # the same cache, seq_len, batch rows and count of batches give every run the same windows.
+    runs = sweep_lib.plan(load_config_file(path), str(tmp_path))
+    assert len({(r.config.data.cache_dir, r.config.data.seq_len, r.config.train.eval_steps,
+                 r.config.train.batch_size // r.config.train.grad_accum_steps) for r in runs}) == 1
+
+
+def test_runs_that_repeat_the_text_more_than_four_times_are_warned_about_and_beyond_max_epochs_refused(tmp_path):
+    runs = sweep_lib.plan(tiny_sweep_config(), str(tmp_path))  # the largest run: 72 x 256 = 18,432 tokens
+    largest = max(r.tokens for r in runs)
+    assert sweep_lib.check_corpus(runs, largest // 4 + 1, max_epochs=8.0) == []  # just under 4 passes
+    warnings = sweep_lib.check_corpus(runs, largest // 5, max_epochs=8.0)
+    assert len(warnings) == 1 and warnings[0].startswith("warning  | C9e10_d16_L1 passes over the training text 5.0")
+    with pytest.raises(UserError, match="run C9e10_d16_L1 would train on .* passes over the .*sweep.max_epochs=8"):
+        sweep_lib.check_corpus(runs, largest // 9, max_epochs=8.0)
+
+
 def test_each_budget_can_have_its_own_widths_as_in_the_paper(tmp_path):
     runs = sweep_lib.plan(tiny_sweep_config(**{"sweep.budgets": (1e11, 3e11), "sweep.d_models": ((8, 16, 32),
                                                                                                  (16, 32, 48))}),
