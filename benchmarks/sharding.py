@@ -9,6 +9,8 @@ to train here can still be planned. On a CPU, split it into devices first:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m benchmarks.sharding --n_layer 4 --d_model 512 \
         --seq_len 64 --batch_size 4
 
+`--rows_per_device 1,4,16` compares replicated with fsdp at each of those batch sizes instead, as a table.
+
 Nothing is asserted here; tests/test_sharding.py asserts fsdp's ratios from this module's numbers.
 """
 
@@ -44,6 +46,32 @@ def step_memory(config, sharding: str, parallelism: str) -> dict:
             "arguments_MiB": memory.argument_size_in_bytes / MiB, "temp_MiB": memory.temp_size_in_bytes / MiB}
 
 
+def rows_sweep(config, rows_per_device=(1, 4, 16)) -> list[dict]:
+    """Replicated (shard_map) against fsdp (jit), per device, at each number of batch rows per device: does fsdp's
+    step stay smaller as the batch grows? One row per batch size, with fsdp's ratios to replicated."""
+    table = []
+    for rows in rows_per_device:
+        config.train.update(batch_size=rows * jax.device_count() * config.train.grad_accum_steps)
+        replicated = step_memory(config, "replicated", "shard_map")
+        fsdp = step_memory(config, "fsdp", "jit")
+        table.append({"rows_per_device": rows, "replicated": replicated, "fsdp": fsdp,
+                      "temp_vs_replicated": fsdp["temp_MiB"] / replicated["temp_MiB"],
+                      "total_vs_replicated": (fsdp["arguments_MiB"] + fsdp["temp_MiB"])
+                      / (replicated["arguments_MiB"] + replicated["temp_MiB"])})
+    return table
+
+
+def print_sweep(table: list[dict]) -> None:
+    print("| rows per device | replicated: arguments + temporaries | fsdp: arguments + temporaries "
+          "| fsdp temporaries / replicated | fsdp total / replicated |")
+    print("|---|---|---|---|---|")
+    for row in table:
+        r, f = row["replicated"], row["fsdp"]
+        print(f"| {row['rows_per_device']} | {r['arguments_MiB']:,.0f} + {r['temp_MiB']:,.0f} MiB "
+              f"| {f['arguments_MiB']:,.0f} + {f['temp_MiB']:,.0f} MiB | {row['temp_vs_replicated']:.2f}x "
+              f"| {row['total_vs_replicated']:.2f}x |")
+
+
 def main(argv=None) -> dict:
     args = flags.FlagValues()
     flags.DEFINE_string("config", "experiments/m1.py", "experiment file whose shape is measured", flag_values=args)
@@ -54,6 +82,8 @@ def main(argv=None) -> dict:
     flags.DEFINE_integer("accum", 1, "micro-batches per step (train.grad_accum_steps)", flag_values=args)
     flags.DEFINE_integer("loss_chunk_tokens", 0, "train.loss_chunk_tokens (default 0: the plain loss, as on a GPU)",
                          flag_values=args)
+    flags.DEFINE_list("rows_per_device", None, "Instead of --batch_size: replicated against fsdp at each of these "
+                      "numbers of rows per device (e.g. 1,4,16), as a table", flag_values=args)
     cli.parse_own_flags(args, argv, __doc__.splitlines()[0])
     with exit_on_user_error():
         config = load_config_file(args.config)
@@ -65,6 +95,12 @@ def main(argv=None) -> dict:
             config.model.max_len = config.data.seq_len = args.seq_len
         config.train.update(batch_size=args.batch_size, grad_accum_steps=args.accum,
                             loss_chunk_tokens=args.loss_chunk_tokens)
+        if args.rows_per_device:
+            table = rows_sweep(config, [int(rows) for rows in args.rows_per_device])
+            print_sweep(table)
+            report = {"config": args.config, "devices": jax.device_count(), "rows_sweep": table}
+            print(json.dumps(report))
+            return report
         cli.require(args.batch_size % (args.accum * jax.device_count()) == 0,
                     f"--batch_size={args.batch_size} must split into --accum={args.accum} micro-batches of a multiple "
                     f"of the {jax.device_count()} devices")

@@ -41,7 +41,7 @@ PATH = [
      "Where the gradients meet: the one `jax.lax.pmean` in `train_step`, inside the `jax.shard_map` that "
      "`make_train_step` applies. What is jitted: the whole step, with the model and optimizer closed over "
      "(static) and the state and batch traced; the state's buffers are donated."),
-    ("The loop", "gptjax.train", ["train_loop", "periodic_work", "report"],
+    ("The loop", "gptjax.train", ["train_loop", "periodic_work", "report", "evaluate_loss"],
      "The host feeds batches and reads numbers back only when it logs: everything else stays on the device."),
     ("Checkpoints", "gptjax.train", ["initial_state", "save"],
      "Orbax saves the whole state; a resume restores straight into the run's shardings."),

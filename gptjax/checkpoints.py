@@ -11,9 +11,12 @@ moves nothing (`is_damage`).
 """
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -70,20 +73,27 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 FREE_MODEL_KEYS = ("dtype", "dropout", "attention", "remat")
 
 
-def check_compatible(meta: dict, model_config: dict, workdir: str) -> list[str]:
+def check_compatible(meta: dict, model_config: dict, workdir: str) -> None:
     """Refuses a checkpoint whose parameters have other shapes or meaning than this run's model, naming every key
-    that differs; returns the differences in FREE_MODEL_KEYS, which are allowed."""
+    that differs (those in FREE_MODEL_KEYS may differ: `allowed_differences`)."""
+    refused = [text for key, text in model_differences(meta, model_config).items() if key not in FREE_MODEL_KEYS]
+    if refused:
+        raise UserError(f"the checkpoint in {checkpoint_dir(workdir)} is from another model shape "
+                        f"({'; '.join(refused)}); use its config or a fresh --workdir")
+
+
+def allowed_differences(meta: dict, model_config: dict) -> list[str]:
+    """The differences in FREE_MODEL_KEYS between a checkpoint's model and this run's, which a run may change."""
+    return [text for key, text in model_differences(meta, model_config).items() if key in FREE_MODEL_KEYS]
+
+
+def model_differences(meta: dict, model_config: dict) -> dict[str, str]:
     from gptjax.model import ModelConfig
 
     defaults = {k: field.default for k, field in ModelConfig.__dataclass_fields__.items()}  # keys added since
     saved = {**defaults, **meta["config"]["model"]}
-    differences = {k: f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in sorted(model_config.items())
-                   if saved.get(k) != v}
-    refused = [text for key, text in differences.items() if key not in FREE_MODEL_KEYS]
-    if refused:
-        raise UserError(f"the checkpoint in {checkpoint_dir(workdir)} is from another model shape "
-                        f"({'; '.join(refused)}); use its config or a fresh --workdir")
-    return [text for key, text in differences.items() if key in FREE_MODEL_KEYS]
+    return {k: f"model.{k}={saved.get(k)!r} there, {v!r} here" for k, v in sorted(model_config.items())
+            if saved.get(k) != v}
 
 
 def latest_meta(workdir: str) -> dict | None:
@@ -92,53 +102,63 @@ def latest_meta(workdir: str) -> dict | None:
     if not os.path.isdir(checkpoint_dir(workdir)):
         return None
     manager = make_manager(workdir, async_save=False)
-    for step in usable_steps(manager):
-        try:
-            return read_meta(manager, step)
-        except Exception:
-            continue
-    return None
+    return next((meta for _, meta in readable_metas(manager, workdir, usable_steps(manager), quiet=True)), None)
 
 
 def usable_steps(manager: ocp.CheckpointManager) -> list[int]:
     return sorted(manager.all_steps(), reverse=True)
 
 
-def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: dict, params_target,
+def readable_metas(manager: ocp.CheckpointManager, workdir: str, steps: list[int], quiet: bool = False):
+    """(step, meta) of each of `steps` whose meta reads, in order: the one place that decides which checkpoint is
+    the newest readable one, for every command. A damaged meta is skipped (with a warning line unless `quiet`);
+    any other failure to read one stops in one line and moves nothing."""
+    for step in steps:
+        try:
+            meta = read_meta(manager, step)
+        except Exception as e:
+            check_is_damage(e, step, workdir)
+            if not quiet:
+                warn(f"checkpoint {step} in {checkpoint_dir(workdir)} is unreadable ({describe_error(damage_in(e))}); "
+                     f"trying an older one")
+            continue
+        yield step, meta
+
+
+def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: dict | None, params_target,
                    opt_state_target=None, step: int | None = None) -> tuple[Any, Any, dict] | None:
     """Restores the newest loadable checkpoint (or `step`): (params, opt_state or None, meta), or None if none.
 
-    With `opt_state_target=None` only params and meta are read, never the optimizer state; opt_state is None too
-    for a checkpoint of parameters alone (meta["params_only"], a converted model).
+    A damaged checkpoint (`is_damage`) is skipped with one warning line, for an older one. `model_config=None`
+    restores each checkpoint as the model it was saved from, `params_target(meta)` giving its parameters' shapes
+    (sampling, evaluation, export); else the checkpoint must fit `model_config` and `params_target` is the tree to
+    restore into. With `opt_state_target=None` only params and meta are read, never the optimizer state; opt_state
+    is None too for a checkpoint of parameters alone (meta["params_only"], a converted model).
     """
-    drop_late_read_errors()
     steps = usable_steps(manager)
     if step is not None:
         if step not in steps:
             raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; it has {sorted(steps)}")
         steps = [step]
-    for candidate in steps:
-        try:
-            meta = read_meta(manager, candidate)
-        except Exception as e:
-            check_is_damage(e, candidate, workdir)
-            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} is unreadable "
-                 f"({describe_error(damage_in(e))}); "
-                 f"trying an older one")
-            continue
-        check_compatible(meta, model_config, workdir)
-        items = {"params": ocp.args.StandardRestore(abstract(params_target))}
-        if opt_state_target is not None and not meta.get("params_only"):
-            items["opt_state"] = ocp.args.StandardRestore(abstract(opt_state_target))
-        try:
-            restored = manager.restore(candidate, args=ocp.args.Composite(**items))
-        except Exception as e:
-            check_is_damage(e, candidate, workdir)
-            warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} could not be restored "
-                 f"({describe_error(damage_in(e))}); "
-                 f"trying an older one")
-            continue
-        return restored["params"], restored.get("opt_state"), meta
+    with late_read_errors_dropped():
+        for candidate, meta in readable_metas(manager, workdir, steps):
+            if model_config is None:
+                target = params_target(meta)
+            else:
+                check_compatible(meta, model_config, workdir)
+                target = params_target
+            items = {"params": ocp.args.StandardRestore(abstract(target))}
+            if opt_state_target is not None and not meta.get("params_only"):
+                items["opt_state"] = ocp.args.StandardRestore(abstract(opt_state_target))
+            try:
+                restored = manager.restore(candidate, args=ocp.args.Composite(**items))
+            except Exception as e:
+                check_tree_matches(e, candidate, workdir)
+                check_is_damage(e, candidate, workdir)
+                warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} could not be restored "
+                     f"({describe_error(damage_in(e))}); trying an older one")
+                continue
+            return restored["params"], restored.get("opt_state"), meta
     if steps:
         raise UserError(f"none of the checkpoints {sorted(steps)} in {checkpoint_dir(workdir)} could be restored; "
                         f"move the directory away to start fresh")
@@ -183,18 +203,49 @@ def check_is_damage(error: Exception, step: int, workdir: str) -> None:
                         f"it away yourself to resume from an older one)") from None
 
 
-def drop_late_read_errors() -> None:
-    """Keeps a damaged checkpoint's report to gptjax's one warning line. When one array fails to read, Orbax stops
-    while tensorstore is still reading the others, and each of those reads reports its own end as the process goes
-    on: unraisable tracebacks ('Event loop is closed', the same damage again), asyncio's log of those failures
-    ('exception was never retrieved', 'unhandled exception during asyncio.run() shutdown') and Python's warning
-    about reads never started ('coroutine ... was never awaited'), ~100 lines in all, some before the restore has
-    even raised. So, from the first restore on, those (and nothing else) are dropped."""
-    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
-    if sys.unraisablehook is not _drop_late_reads:
-        _drop_late_reads.previous = sys.unraisablehook
-        sys.unraisablehook = _drop_late_reads
-    logging.getLogger("asyncio").addFilter(_not_a_late_read)  # adding twice keeps one
+def check_tree_matches(error: Exception, step: int, workdir: str) -> None:
+    """Refuses in one line a checkpoint whose tree of arrays is not the one this code's model has (saved by another
+    version of gptjax): not damage, so nothing is moved."""
+    mismatch = next((str(e) for e in error_chain(error)
+                     if isinstance(e, ValueError) and "tree structures do not match" in str(e)), None)
+    if mismatch is None:
+        return
+    # Orbax names each differing key, with "Source" our tree and "Target" the checkpoint's, one of them MISSING.
+    differences = re.findall(r"([^\s:]+):\s+- Source: (\S+).*?- Target: (\S+)", mismatch, flags=re.S)
+    named = [f"{key} only in the {'checkpoint' if ours == 'MISSING' else 'model'}" for key, ours, theirs in differences
+             if "MISSING" in (ours, theirs)] or [" ".join(mismatch.split())[:160]]
+    raise UserError(f"checkpoint {step} in {checkpoint_dir(workdir)} holds other arrays than this version of gptjax's "
+                    f"model ({'; '.join(named[:4])}); it was left in place: read it with the gptjax version that saved "
+                    f"it") from None
+
+
+@contextlib.contextmanager
+def late_read_errors_dropped():
+    """Keeps a damaged checkpoint's report to gptjax's one warning line, for the block (a restore) only. When one
+    array fails to read, Orbax stops while tensorstore is still reading the others, and each of those reads reports
+    its own end: unraisable tracebacks ('Event loop is closed', the same damage again), asyncio's log of those
+    failures ('exception was never retrieved') and Python's warning about reads never started ('coroutine ... was
+    never awaited'), ~100 lines in all. Inside the block, those (and nothing else) are dropped; the block ends by
+    collecting the reads Orbax abandoned, so their reports come while it is still in force, and a notebook that
+    restored once still sees its own errors after."""
+    previous_hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
+
+    def drop_late_reads(report) -> None:
+        if not _is_late_read(report.exc_value):
+            previous_hook(report)
+
+    sys.unraisablehook = drop_late_reads
+    asyncio_log.addFilter(_not_a_late_read)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
+            try:
+                yield
+            finally:
+                gc.collect()
+    finally:
+        asyncio_log.removeFilter(_not_a_late_read)
+        sys.unraisablehook = previous_hook
 
 
 def _is_late_read(error: BaseException | None) -> bool:
@@ -202,11 +253,6 @@ def _is_late_read(error: BaseException | None) -> bool:
     cut_off = any((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
                   or isinstance(e, (GeneratorExit, asyncio.CancelledError)) for e in error_chain(error))
     return cut_off or is_damage(error)
-
-
-def _drop_late_reads(report) -> None:
-    if not _is_late_read(report.exc_value):
-        _drop_late_reads.previous(report)
 
 
 def _not_a_late_read(record: logging.LogRecord) -> bool:
@@ -272,9 +318,11 @@ def load_for_inference(workdir: str, step: int | None = None):
     if step is not None and step not in steps:
         raise UserError(f"there is no checkpoint for --step {step} in {checkpoint_dir(workdir)}; its steps are "
                         f"{sorted(steps)} (leave --step out for the latest)")
-    meta = read_meta(manager, step if step is not None else steps[0])
-    model_config = build_model_config(meta["config"]["model"])
-    tokens = jax.ShapeDtypeStruct((1, model_config.max_len), jax.numpy.int32)
-    params_shape = jax.eval_shape(lambda t: GPT(model_config).init(jax.random.key(0), t)["params"], tokens)
-    params, _, meta = restore_latest(manager, workdir, meta["config"]["model"], params_shape, step=step)
-    return params, model_config, meta
+
+    def params_shape(meta: dict):  # the shapes of the parameters of the model `meta` was saved from
+        model_config = build_model_config(meta["config"]["model"])
+        tokens = jax.ShapeDtypeStruct((1, model_config.max_len), jax.numpy.int32)
+        return jax.eval_shape(lambda t: GPT(model_config).init(jax.random.key(0), t)["params"], tokens)
+
+    params, _, meta = restore_latest(manager, workdir, None, params_shape, step=step)
+    return params, build_model_config(meta["config"]["model"]), meta

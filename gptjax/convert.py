@@ -51,6 +51,30 @@ def gpt2_model_config(hf_config: dict) -> dict:
                 layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5))
 
 
+# What tokenizer.save_pretrained writes (one of them is enough to load it).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "tokenizer.model")
+GPT2_VOCAB_SIZE = END_OF_TEXT_ID + 1
+
+
+def tokenizer_of(hf_dir: str, vocab_size: int):
+    """The tokenizer that goes with the model in `hf_dir`: its own files where it has them (None where those are
+    GPT-2's, which gptjax ships), else GPT-2's when the model has GPT-2's vocabulary size. Refuses in one line a
+    tokenizer with more tokens than the model's vocabulary (its ids would index past it) and a model that comes
+    with no tokenizer and another vocabulary size (nothing to encode its prompts or decode its samples with)."""
+    if not any(os.path.exists(os.path.join(hf_dir, name)) for name in TOKENIZER_FILES):
+        if vocab_size == GPT2_VOCAB_SIZE:
+            return None
+        raise UserError(f"{hf_dir} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}) and its model's "
+                        f"vocab_size={vocab_size} is not GPT-2's {GPT2_VOCAB_SIZE}, so no tokenizer is known to go "
+                        f"with it; save the model's tokenizer there (tokenizer.save_pretrained(DIR)) and convert again")
+    tokenizer = load_tokenizer(os.path.abspath(hf_dir))
+    if len(tokenizer) > vocab_size:
+        raise UserError(f"the tokenizer in {hf_dir} has {len(tokenizer)} tokens but the model's vocab_size is "
+                        f"{vocab_size}: its ids would index past the model's vocabulary; save the tokenizer the "
+                        f"model was trained with beside it")
+    return None if tokenizer.get_vocab() == load_tokenizer("gpt2").get_vocab() else tokenizer
+
+
 def read_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
     """Tensor name -> float32 numpy array, with the 'transformer.' prefix of GPT2LMHeadModel removed."""
     safetensors_path = os.path.join(hf_dir, "model.safetensors")
@@ -111,6 +135,7 @@ def convert(hf_dir: str, workdir: str, scan_layers: bool = False) -> dict:
     missing = [k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if k not in hf_config]
     if missing:
         raise UserError(f"{config_path} lacks {missing}; is it a GPT-2 config?")
+    tokenizer = tokenizer_of(hf_dir, hf_config["vocab_size"])
     config = base_config()
     config.model.update(gpt2_model_config(hf_config))
     config.model.scan_layers = scan_layers
@@ -126,13 +151,17 @@ def convert(hf_dir: str, workdir: str, scan_layers: bool = False) -> dict:
     manager = checkpoints.make_manager(workdir, async_save=False)
     if manager.all_steps():
         raise UserError(f"{checkpoints.checkpoint_dir(workdir)} already has checkpoints; pick an empty --workdir")
+    if tokenizer is not None:  # a copy in the workdir: the run keeps working wherever hf_dir goes
+        config.data.tokenizer = os.path.join(os.path.abspath(workdir), "tokenizer")
+        tokenizer.save_pretrained(config.data.tokenizer)
     meta = {"step": 0, "config": config.to_dict(), "tokenizer": config.data.tokenizer,
             "data_position": None, "metrics": {}, "converted_from": os.path.abspath(hf_dir)}
     # Parameters only, from abstract shapes: a fine-tuning run starts its own optimizer (Adam's moments are not in a
     # Hugging Face checkpoint), and no train state is built here (for GPT-2 small: 1.8 GB of host memory, not 3.7).
     checkpoints.save(manager, 0, params, None, meta)
     manager.wait_until_finished()
-    return {"workdir": os.path.abspath(workdir), "params": count_params(params), "model": config.model.to_dict()}
+    return {"workdir": os.path.abspath(workdir), "params": count_params(params), "model": config.model.to_dict(),
+            "tokenizer": config.data.tokenizer}
 
 
 # What a gptjax model must be for GPT-2 (and so Hugging Face's GPT2LMHeadModel) to express it.
@@ -174,6 +203,10 @@ def export_to_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
     if other:
         raise UserError(f"GPT-2 cannot express this model ({', '.join(other)}); only runs with learned positions, "
                         f"GELU, biases and a tied output layer export to Hugging Face")
+    tokenizer = load_tokenizer(meta["config"]["data"]["tokenizer"])  # the run's own, written beside the model
+    if len(tokenizer) > cfg.vocab_size:
+        raise UserError(f"the run's tokenizer {meta['config']['data']['tokenizer']!r} has {len(tokenizer)} tokens, "
+                        f"more than its model's vocab_size={cfg.vocab_size}; export a run trained with it")
     hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                  "n_positions": cfg.max_len, "n_ctx": cfg.max_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer,
                  "n_head": cfg.n_head, "n_inner": cfg.d_ff,
@@ -186,7 +219,7 @@ def export_to_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
               metadata={"format": "pt"})
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1)
-    load_tokenizer(meta["config"]["data"]["tokenizer"]).save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
     return {"hf_dir": os.path.abspath(hf_dir), "step": meta["step"], "params": count_params(params)}
 
 

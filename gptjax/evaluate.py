@@ -22,8 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
-from jax.sharding import PartitionSpec
-from tqdm import tqdm
 
 from gptjax import cli, hardware, input_pipeline, kernels
 from gptjax.model import GPT, ModelConfig
@@ -31,36 +29,7 @@ from gptjax.sampling import next_power_of_two
 from gptjax import train_step as steps_lib
 from gptjax.checkpoints import load_for_inference
 from gptjax.errors import UserError
-
-
-def evaluate_loss(params, eval_step, stream, seq_len: int, batch_size: int, max_batches: int, mesh,
-                  token_bytes: np.ndarray | None = None, progress: bool = False) -> dict:
-    """Token-weighted mean next-token loss over held-out windows (all of them when max_batches is 0).
-
-    The last batch is padded to the full batch size with weight-0 rows, so every device sees the same shape.
-    With `token_bytes` (UTF-8 bytes of each token id) it also reports bits per byte, comparable across tokenizers.
-    """
-    loss_sum, tokens, num_bytes = 0.0, 0.0, 0  # the sums stay on the device until the end: no wait per batch
-    rows = input_pipeline.process_rows(batch_size, jax.process_index(), jax.process_count())
-    batches = input_pipeline.eval_batches(stream, seq_len, batch_size, max_batches)
-    for windows in tqdm(batches, desc="evaluating", unit=" batches", disable=not progress):
-        weights = np.zeros((batch_size,), np.float32)
-        weights[: len(windows)] = 1.0
-        padded = np.zeros((batch_size, seq_len + 1), np.int32)
-        padded[: len(windows)] = windows
-        out = eval_step(params, steps_lib.global_batch(padded[rows], mesh, PartitionSpec("data")),
-                        steps_lib.global_batch(weights[rows], mesh, PartitionSpec("data")))
-        loss_sum, tokens = loss_sum + out["loss_sum"], tokens + out["tokens"]
-        if token_bytes is not None:
-            num_bytes += int(token_bytes[windows[:, 1:]].sum())
-    loss_sum, tokens = float(loss_sum), float(tokens)
-    if tokens == 0:
-        raise UserError("no held-out windows to evaluate; use a larger corpus or data.eval_fraction")
-    loss = loss_sum / tokens
-    results = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
-    if token_bytes is not None and num_bytes:
-        results["eval_bits_per_byte"] = loss_sum / math.log(2) / num_bytes
-    return results
+from gptjax.train import evaluate_loss
 
 
 def count_words(tokenizer, tokens: np.ndarray) -> int:
@@ -199,8 +168,7 @@ def main():
     params_sharding = steps_lib.replicated_sharding(params, mesh)
     eval_chunk = kernels.eval_loss_chunk_tokens(train.get("loss_chunk_tokens", -1))
     eval_step = steps_lib.make_eval_step(model_config, mesh, params_sharding, loss_chunk=eval_chunk)
-    held_out_nothing = config.data.eval_fraction == 0 and not config.data.get("eval_path")
-    if FLAGS.split == "validation" and held_out_nothing and FLAGS.path is None:
+    if FLAGS.split == "validation" and input_pipeline.holds_out_nothing(config.data) and FLAGS.path is None:
         raise UserError(f"the run in {FLAGS.workdir} was trained with data.eval_fraction=0: it held out no documents "
                         f"to evaluate on; pass --split train to read its training text, or a corpus of its own "
                         f"whole: --source text --path FILE --split train")

@@ -7,6 +7,7 @@ what this machine does on dense math, so MFU there reads as "fraction of what th
 datasheet.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -15,6 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from gptjax.errors import UserError
 
 # Dense peak FLOP/s per device by jax device_kind, (float32, bfloat16). On NVIDIA GPUs JAX runs float32 matmuls as
 # TF32 on the tensor cores by default (jax_default_matmul_precision), so the float32 column is the dense TF32 peak.
@@ -153,6 +156,45 @@ def select_platform(platform: str) -> None:
         jax.config.update("jax_platforms", platform)
 
 
+def check_platform(platform: str) -> None:
+    """Starts JAX's backend, refusing in one line a `platform` (train.platform) this machine does not have, and naming
+    those it has. Call after jax.distributed.initialize, before which no backend may start."""
+    try:
+        jax.devices()
+    except RuntimeError as e:
+        if not platform:
+            raise
+        jax.config.update("jax_platforms", "")  # JAX's own choice, to name what this machine has
+        here = sorted({device.platform for device in jax.devices()})
+        raise UserError(f"train.platform={platform!r} is not available on this machine "
+                        f"({str(e).splitlines()[0][:160]}); it has {', '.join(here)}: set train.platform to one of "
+                        f"them, or to '' to let JAX choose") from None
+
+
+# Every model shape, batch size and JAX version adds its own programs, and JAX's cache is unbounded by default.
+COMPILATION_CACHE_MAX_BYTES = 2 * 2**30
+
+
+def prune_least_recently_used(directory: str, max_bytes: int) -> None:
+    """Deletes the least recently read files of `directory` until the rest hold at most `max_bytes`: the bound of the
+    compilation cache, applied as each command starts. (JAX's own bound, jax_compilation_cache_max_size, fails to
+    write with a warning per program wherever one entry lacks its access-time file: entries written without the
+    bound, by an earlier gptjax or any other JAX program using the directory.) Best effort: another command may be
+    pruning too, and one deleted under a reader is only compiled again."""
+    files = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            with contextlib.suppress(OSError):  # deleted meanwhile by another command
+                stat = entry.stat()
+                files.append((max(stat.st_atime, stat.st_mtime), stat.st_size, entry.path))
+    kept = 0
+    for _, size, path in sorted(files, reverse=True):  # the most recently read first (to the day on Linux's relatime)
+        kept += size
+        if kept > max_bytes:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 def use_compilation_cache(enabled: bool = True) -> None:
     """JAX's persistent compilation cache in <cache_dir()>/jax: a rerun, a resume or a second `sample` loads its
     compiled programs from disk instead of compiling them again. Call after JAX's backend may be initialized (after
@@ -162,7 +204,9 @@ def use_compilation_cache(enabled: bool = True) -> None:
     if (not enabled or jax.default_backend().lower() == "metal" or jax.config.jax_compilation_cache_dir
             or jax.__version_info__ < (0, 10)):
         return
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "jax"))
+    directory = os.path.join(cache_dir(), "jax")
+    prune_least_recently_used(directory, COMPILATION_CACHE_MAX_BYTES)
+    jax.config.update("jax_compilation_cache_dir", directory)
     # JAX keeps only compilations of over a second by default; sampling's and evaluation's take less, and are what
     # a user waits for again at every call.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)

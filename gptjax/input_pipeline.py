@@ -351,6 +351,11 @@ def tagged_documents(data: ml_collections.ConfigDict):
     return documents if held_out is None else documents.concatenate(held_out.map(lambda text: (text, True)))
 
 
+def holds_out_nothing(data) -> bool:
+    """Whether a run's data config holds no text out for evaluation (no eval_fraction and no eval_path)."""
+    return data.eval_fraction == 0 and not data.get("eval_path")
+
+
 def is_validation_document(index: int, eval_fraction: float) -> bool:
     """Every round(1 / eval_fraction)-th document (counting from the middle of the first stride) is held out."""
     if eval_fraction <= 0:
@@ -581,8 +586,7 @@ def data_position(step: int, batch_size: int, num_windows: int) -> dict:
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
-    if batch_size % process_count:
-        raise UserError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
+    """The rows of a global batch that this process feeds (preflight.check_batch_layout made them divide)."""
     per_process = batch_size // process_count
     return slice(process_index * per_process, (process_index + 1) * per_process)
 
@@ -643,16 +647,14 @@ def _close_live_iterators():
         iterator.close()
 
 
-def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches: int = 0,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[np.ndarray]:
-    """The held-out windows in order, in batches; the last batch may be smaller. 0 = all of them."""
+def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, max_batches: int = 0) -> Iterator[np.ndarray]:
+    """The held-out windows in order, in global batches (each process takes its `process_rows`); the last batch may
+    be smaller. 0 = all of them."""
     check_enough_tokens(stream, seq_len, "validation")
     num_windows = stream.num_windows(seq_len)
     num_batches = -(-num_windows // batch_size)
     if max_batches:
         num_batches = min(num_batches, max_batches)
     for b in range(num_batches):
-        ids = np.arange(b * batch_size, min((b + 1) * batch_size, num_windows))
-        share = np.array_split(ids, process_count)[process_index]
-        yield stream.windows(share, seq_len)
+        yield stream.windows(np.arange(b * batch_size, min((b + 1) * batch_size, num_windows)), seq_len)
 

@@ -8,7 +8,8 @@ request instead:
   TensorFlow (where a Python signal handler only runs once the call returns): the C-level handler writes the signal
   number to a pipe (`signal.set_wakeup_fd`), and the thread reads it;
 - the work stops at its next safe point, where it calls `check()`: between tokenizer batches, between the phases of
-  start-up, after each training step (with its evaluation or save). `check()` raises `Interrupted`, the command saves
+  start-up, in training at most 2 steps after the step in progress (gptjax/train.py bounds how far the host runs
+  ahead of the device; with its evaluation or save). `check()` raises `Interrupted`, the command saves
   what can be saved, says what was saved and exits with status 130;
 - a second Ctrl-C exits at once with status 130. Checkpoints are written to a temporary directory and renamed when
   complete, and the token cache records its progress after each shard, so the last complete ones stay usable.
@@ -22,8 +23,9 @@ import signal
 import sys
 import threading
 
-ACKNOWLEDGEMENT = (b"\nStopping at the next safe point (after the step in progress and its evaluation or save, or "
-                   b"between tokenizer batches), then saving what can be saved; press Ctrl-C again to stop at once\n")
+ACKNOWLEDGEMENT = (b"\nStopping at the next safe point (within 2 steps of the step in progress, with its evaluation or "
+                   b"save, or between tokenizer batches), then saving what can be saved; press Ctrl-C again to stop at "
+                   b"once\n")
 AT_ONCE = (b"\nStopped at once: the last complete checkpoint (if any) is kept, and an unfinished token cache resumes; "
            b"rerun the same command to go on\n")
 
@@ -70,7 +72,8 @@ def reassert() -> None:
 @contextlib.contextmanager
 def handled():
     """`install()` for a block: what a command did from its start, or, for a run started from Python (a test, a
-    notebook), for the run only, with a fresh request and the previous handlers back after."""
+    notebook), for the run only: the previous handlers back after, and no request left behind (the next call in a
+    notebook starts without one, whether this block ended on a stop or not)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is _note_signal:
         yield  # another thread cannot handle signals; a command installed them already
         return
@@ -84,6 +87,7 @@ def handled():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(previous_fd)
+        _requested.clear()
 
 
 def _note_signal(signum, frame) -> None:

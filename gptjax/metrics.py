@@ -57,13 +57,19 @@ class MetricsLog:
             self.wandb_run = None
 
 
-def start_wandb(project: str, workdir: str, config: dict):
-    """A wandb run named after the workdir, with an id derived from its path, so a resumed run continues it."""
+def require_wandb(project: str):
+    """The wandb module, or one line saying how to get it: checked before any data work (gptjax/run.py)."""
     try:
         import wandb
     except ImportError:
         raise UserError(f"train.wandb_project={project!r} needs wandb: pip install wandb (or leave the key unset; "
                         f"TensorBoard and metrics.jsonl log the same numbers)") from None
+    return wandb
+
+
+def start_wandb(project: str, workdir: str, config: dict):
+    """A wandb run named after the workdir, with an id derived from its path, so a resumed run continues it."""
+    wandb = require_wandb(project)
     path = os.path.abspath(workdir)
     run_id = f"{os.path.basename(path)[:40]}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
     return wandb.init(project=project, name=os.path.basename(path), id=re.sub(r"[^\w-]", "_", run_id),

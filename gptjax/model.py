@@ -21,6 +21,8 @@ This file is the textbook path. Where a backend has a faster way to compute the 
 the model calls the textbook function by name through one call in gptjax/kernels, which decides where it runs.
 """
 
+import contextlib
+import contextvars
 import functools
 
 import flax.linen as nn
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptjax import kernels
 
@@ -125,6 +128,60 @@ def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
                         param_dtype=jnp.float32, name=name)
 
 
+# The mesh axis that activations are split along by their batch rows, while a step that asks for it is traced
+# (`activations_split_along`); None everywhere else.
+_BATCH_AXIS: contextvars.ContextVar = contextvars.ContextVar("gptjax_batch_axis", default=None)
+
+
+@contextlib.contextmanager
+def activations_split_along(mesh: Mesh, axis: str):
+    """While a step is traced in this block, every activation the model marks (`batch_sharded`) is split along its
+    batch rows over the mesh's `axis`: fsdp's step (gptjax/train_step.py)."""
+    token = _BATCH_AXIS.set((mesh, axis))
+    try:
+        yield
+    finally:
+        _BATCH_AXIS.reset(token)
+
+
+def batch_sharded(x_Bx: jax.Array) -> jax.Array:
+    """`x` [B, ...] kept split along its batch rows where a step asks for it (`activations_split_along`), so each
+    device holds its own rows' activations and XLA brings the (fsdp-split) weights to them: ZeRO-3. Left to itself,
+    XLA's partitioner chose other layouts for them as the batch grew. Everywhere else (one device, shard_map,
+    sampling) a no-op. Flax's `nn.with_logical_constraint` does this by name, but needs a mesh context that JAX's
+    current releases no longer allow inside jit and its older ones set another way."""
+    return split_over_devices(x_Bx, 0)
+
+
+def vocab_sharded(logits_xV: jax.Array) -> jax.Array:
+    """Logits [..., V] split along the vocabulary where a step asks for it, as fsdp splits the (tied) embedding that
+    computes them: each device multiplies the gathered hidden states by its own rows of the table, and no device
+    gathers the whole table or holds its whole gradient."""
+    return split_over_devices(logits_xV, logits_xV.ndim - 1)
+
+
+def split_over_devices(x: jax.Array, dim: int) -> jax.Array:
+    split = _BATCH_AXIS.get()
+    if split is None:
+        return x
+    mesh, axis = split
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*[axis if d == dim else None
+                                                                                   for d in range(x.ndim)])))
+
+
+def on_each_devices_rows(fn, *arrays_Bx):
+    """`fn(*arrays)` for a function of whole sequences (attention): where a step splits activations along the batch
+    (`activations_split_along`), each device runs it on its own rows (`jax.shard_map`), as a one-device step would;
+    left to XLA's partitioner, a kernel that loops over groups of sequences (the CPU's) gathered them from every
+    device. Elsewhere, `fn(*arrays)`."""
+    split = _BATCH_AXIS.get()
+    if split is None:
+        return fn(*arrays_Bx)
+    mesh, axis = split
+    return jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(axis), out_specs=PartitionSpec(axis),
+                         check_vma=False)(*arrays_Bx)
+
+
 def attention_scores(q_xTxH, k_xSxH, query_positions_T: jax.Array) -> jax.Array:
     """float32 [..., T, S]: q.k / sqrt(H) for queries at `query_positions_T` and keys at 0..S-1, the causal mask
     setting a key after its query to the most negative float. Heads-major inputs: the leading axes ([B, N], or the
@@ -148,8 +205,8 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x_BxTxD, positions_T, *, decode: bool = False):
         cfg = self.config
         B, T, D = x_BxTxD.shape
-        qkv_BxTx3D = dense(cfg, 3 * D, "qkv")(x_BxTxD)  # one matmul for queries, keys and values, as GPT-2's c_attn
-        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (a.reshape(B, T, cfg.n_head, cfg.head_dim)
+        qkv_BxTx3D = batch_sharded(dense(cfg, 3 * D, "qkv")(x_BxTxD))  # queries, keys and values: GPT-2's c_attn
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (batch_sharded(a.reshape(B, T, cfg.n_head, cfg.head_dim))
                                            for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
         if cfg.pos_embedding == "rope":
             q_BxTxNxH = apply_rope(q_BxTxNxH, positions_T, cfg.rope_base)
@@ -161,8 +218,8 @@ class CausalSelfAttention(nn.Module):
             # jax.nn.dot_product_attention, or a kernel computing the same numbers faster on this backend (on CPUs:
             # gptjax/kernels/attention.py). Each query sees keys at its own position and before: softmax(q.k /
             # sqrt(H)) over them, then the average of their values, as `cached_attention` spells out below.
-            dot_product_attention = kernels.dot_product_attention(cfg.attention)
-            y_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
+            dot_product_attention = functools.partial(kernels.dot_product_attention(cfg.attention), is_causal=True)
+            y_BxTxNxH = on_each_devices_rows(dot_product_attention, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
         return dense(cfg, D, "proj", residual=True)(y_BxTxNxH.reshape(B, T, D))
 
     def cached_attention(self, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, positions_T):
@@ -198,7 +255,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD):
         cfg = self.config
-        h_BxTxF = ACTIVATIONS[cfg.activation](dense(cfg, cfg.d_ff, "fc")(x_BxTxD))
+        h_BxTxF = batch_sharded(ACTIVATIONS[cfg.activation](dense(cfg, cfg.d_ff, "fc")(x_BxTxD)))
         return dense(cfg, cfg.d_model, "proj", residual=True)(h_BxTxF)
 
 
@@ -214,7 +271,7 @@ class Block(nn.Module):
         attention = CausalSelfAttention(cfg, name="attn")
         x_BxTxD = x_BxTxD + dropout(attention(layer_norm(cfg, "ln_1")(x_BxTxD), positions_T, decode=decode))
         x_BxTxD = x_BxTxD + dropout(MLP(cfg, name="mlp")(layer_norm(cfg, "ln_2")(x_BxTxD)))
-        return x_BxTxD
+        return batch_sharded(x_BxTxD)
 
 
 class GPT(nn.Module):
@@ -267,13 +324,13 @@ class GPT(nn.Module):
             x_BxTxD = x_BxTxD * np.sqrt(cfg.d_model) + table_TxD.astype(x_BxTxD.dtype)[None]
         elif cfg.pos_embedding == "learned":
             x_BxTxD = x_BxTxD + self.position_embedding(positions_T)[None]
-        x_BxTxD = self.embedding_dropout(x_BxTxD, deterministic=deterministic)
+        x_BxTxD = batch_sharded(self.embedding_dropout(x_BxTxD, deterministic=deterministic))
         if cfg.scan_layers:
             x_BxTxD = scan_blocks(self.blocks, x_BxTxD, positions_T, deterministic, decode, cfg.n_layer)
         else:
             for block in self.blocks:
                 x_BxTxD = block(x_BxTxD, positions_T, deterministic, decode)
-        return self.ln_f(x_BxTxD)
+        return batch_sharded(self.ln_f(x_BxTxD))
 
     def output_logits(self, hidden_BxTxD):
         """[B, T, D] -> float32 logits [B, T, V], padded vocabulary entries masked out. The matmul reads its inputs
@@ -285,7 +342,7 @@ class GPT(nn.Module):
                                       preferred_element_type=jnp.float32)
         else:
             logits_BxTxV = self.lm_head(hidden_BxTxD)
-        return mask_padded_vocab(logits_BxTxV, self.config.vocab_size)
+        return vocab_sharded(mask_padded_vocab(logits_BxTxV, self.config.vocab_size))
 
 
 @functools.partial(jax.jit, static_argnums=0)  # cfg is hashable (frozen): each shape compiles its own init

@@ -67,9 +67,10 @@ def check_same_data(meta: dict, fingerprint: dict, accept_change: bool) -> None:
 
 def check_restored(meta: dict, config: ml_collections.ConfigDict, source: str, is_chief: bool,
                    fingerprint: dict | None = None, devices: int | None = None) -> None:
-    """The checks of a checkpoint about to be trained on (`source`'s: this workdir's to resume, or train.init_from's
-    to fine-tune): the same model shape, and when resuming the same data; notes on what is allowed to differ."""
-    changed = checkpoints.check_compatible(meta, config.model.to_dict(), source)  # model keys allowed to differ
+    """The checks of a checkpoint restored to train on (`source`'s: this workdir's to resume, or train.init_from's
+    to fine-tune), whose model shape `checkpoints.restore_latest` checked: when resuming, the same data; notes on
+    what is allowed to differ."""
+    changed = checkpoints.allowed_differences(meta, config.model.to_dict())
     if changed and is_chief:
         print(f"note     | the checkpoint's parameters are used with {'; '.join(changed)} (these may change)")
     if fingerprint is None:  # fine-tuning: other data is the point
@@ -86,7 +87,7 @@ def check_evaluation_data(config: ml_collections.ConfigDict, cache: input_pipeli
     train, data = config.train, config.data
     if not train.eval_every:
         return False
-    if data.eval_fraction == 0 and not data.eval_path:
+    if input_pipeline.holds_out_nothing(data):
         print("note     | data.eval_fraction=0 holds out no documents: no held-out evaluation in this run")
         return False
     validation_tokens = cache.num_tokens("validation")

@@ -18,6 +18,7 @@ from gptjax import train_step as steps_lib
 from gptjax.configs import build_model_config, validate
 from gptjax.console import describe_fsdp
 from gptjax.errors import check_workdir
+from gptjax.metrics import require_wandb
 from gptjax.model import ModelConfig
 from gptjax.preflight import check_batch_layout, check_checkpoints_fit, check_evaluation_data, check_vocabulary
 from gptjax.scaling import planned_steps
@@ -61,6 +62,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train, data = config.train, config.data
     hardware.select_platform(train.platform)
     hardware.maybe_initialize_distributed(train)
+    hardware.check_platform(train.platform)
     hardware.use_compilation_cache(train.compilation_cache)
     interrupts.reassert()
     model_config = build_model_config(config.model)
@@ -69,6 +71,8 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = steps_lib.data_mesh()
     check_batch_layout(train, mesh.size, jax.process_count())
     check_checkpoints_fit(config, workdir)
+    if train.wandb_project:
+        require_wandb(train.wandb_project)
     os.makedirs(workdir, exist_ok=True)
     interrupts.check()
     cache = input_pipeline.prepare_once(config, workdir)  # the first long step: all above is checked first

@@ -86,7 +86,8 @@ def start_decoding(params, model_config: ModelConfig, tokens_BxP: jax.Array, len
 
 
 def slide_window(model_config: ModelConfig) -> int:
-    """Tokens kept when the window slides: 3/4 of the context, so a slide happens every max_len / 4 tokens."""
+    """Tokens kept when the window slides: 3/4 of the context (the new token among them), so once the window is
+    full a slide happens every max_len // 4 + 1 tokens."""
     return max(1, model_config.max_len - model_config.max_len // 4)
 
 
@@ -204,11 +205,14 @@ def generate_greedy_uncached(params, model_config: ModelConfig, prompt_ids, max_
                              num_samples: int = 1) -> np.ndarray:
     """The slow reference: greedy decoding that recomputes the whole window for every token (no cache).
 
-    The window follows `generate`'s rule: it starts at the prompt and grows by one token a step; a token that would
-    make it longer than max_len makes it slide to its last 3/4 (`slide_window`), positions counted from 0 again.
-    Used by tests (it must agree with `generate`, token for token) and benchmarks (to show what the cache saves).
+    The window follows the rule `generate` documents, written out here rather than shared (`slide_window`), so a
+    change to the cached decoder's rule shows as a difference: it starts at the prompt and grows by one token a step;
+    a token that would make it longer than max_len makes it slide to its last max_len - max_len // 4 tokens,
+    positions counted from 0 again. Used by tests (it must agree with `generate`, token for token) and benchmarks
+    (to show what the cache saves).
     """
-    S, keep = model_config.max_len, slide_window(model_config)
+    S = model_config.max_len
+    keep = S - S // 4  # (at least 1 for any S >= 1)
     history = np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1))
     start = 0  # the window is history[:, start:]
     new = []

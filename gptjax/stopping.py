@@ -2,13 +2,16 @@
 process stops before the same step, the state it reached is saved, and the user is told which checkpoint a rerun
 resumes. On a NaN: nothing is saved, and the last good checkpoint is kept."""
 
+import functools
 import math
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptjax import checkpoints, interrupts
 from gptjax.errors import UserError
@@ -18,25 +21,33 @@ class RunInterrupted(KeyboardInterrupt):
     """The run stopped on Ctrl-C / SIGTERM after saying what was saved."""
 
 
-def stop_agreed(requested: bool) -> bool:
-    """Whether any process was asked to stop. Every process gets the same answer before the same step, so all stop
-    there and save it together (a signal reaching one process alone would otherwise send it into the collective
-    save while the others wait in the next step's all-reduce). One all-gather of a flag per step, with several
-    processes; one process reads its own flag."""
+def cast_stop_vote(requested: bool, mesh: Mesh):
+    """Whether any process was asked to stop, as of now, as a value to read later with `read_stop_vote` (after the
+    step it follows has finished). One process: its own flag. Several: an `any` over every process's flag, a tiny
+    all-reduce dispatched behind the step in flight, so no process waits for it now (an all-gather read on the host
+    at every step would make each wait for its step to finish before dispatching the next). Every process reads the
+    same answer for the same vote, so all stop after the same step and save it together (a signal reaching one
+    process alone would otherwise send it into the collective save while the others wait in the next step)."""
     if jax.process_count() == 1:
         return requested
-    from jax.experimental import multihost_utils
+    local_flags = np.full((len(mesh.local_devices),), requested)
+    flags = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), local_flags)
+    return any_process(mesh)(flags)
 
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([requested]))))
+
+@functools.lru_cache(maxsize=None)
+def any_process(mesh: Mesh):
+    return jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def read_stop_vote(vote) -> bool:
+    """The answer of a `cast_stop_vote`: the same on every process (each reads its own replica)."""
+    return vote if isinstance(vote, bool) else bool(np.asarray(vote.addressable_data(0)))
 
 
 def save_on_interrupt(state, start_step: int, manager, save, last: dict, workdir: str, is_chief: bool) -> None:
     """Saves the state an interrupt left (unless it is saved already), and says which checkpoint a rerun resumes."""
     directory = checkpoints.checkpoint_dir(workdir)
-    if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):  # a second Ctrl-C, inside a step
-        print(f"\nInterrupted inside a step: nothing saved; the last checkpoint in {directory} is kept",
-              file=sys.stderr)
-        return
     step = int(state.step)  # the state is the truth if the interrupt landed between the step and the count
     params_are_finite = bool(jax.numpy.isfinite(optax.tree.norm(state.params)))
     if step > start_step and step not in manager.all_steps() and params_are_finite:

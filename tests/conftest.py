@@ -1,12 +1,15 @@
 """Shared test setup: the repository root on sys.path, and small model configs that run fast on a laptop CPU."""
 
 import fcntl
+import hashlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 from typing import Callable
 
 import pytest
@@ -30,19 +33,38 @@ os.environ["XDG_CACHE_HOME"] = os.environ["GPTJAX_TEST_CACHE"]
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".split()))
 
+def pytest_addoption(parser, pluginmanager):
+    """setup.cfg's addopts ask pytest-xdist for one worker per core. Without it (`pip install -e .`, not `.[test]`)
+    those options are accepted here and ignored, so `python -m pytest` runs the tests in this one process."""
+    if not pluginmanager.hasplugin("xdist"):
+        for option in ("--numprocesses", "--maxprocesses", "--dist"):
+            parser.addoption(option, help="(pytest-xdist is not installed: ignored, the tests run in one process)")
+
+
+def pytest_report_header(config):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return "pytest-xdist is not loaded: the tests run in one process (pip install -e '.[test]' for all cores)"
+
+
 import jax  # noqa: E402
 
 from gptjax.model import ModelConfig  # noqa: E402
 
 
-def once_per_session(name: str, compute: Callable[[], str]) -> str:
+def once_per_session(name: str, code: str, compute: Callable[[], str]) -> str:
     """compute()'s text, computed once per test session by whichever test asks first, on whichever xdist worker:
-    kept in the session's cache directory, under a lock that makes a second asker wait for the first."""
-    path = os.path.join(os.environ["GPTJAX_TEST_CACHE"], f"{name}.txt")
+    kept in the session's cache directory under `name` and a hash of `code` (what compute runs), under a lock that
+    makes a second asker wait for the first. A failure is kept too (its traceback as the text), so the tests that
+    read it fail on it rather than each running it again."""
+    digest = hashlib.sha256(code.encode()).hexdigest()[:16]
+    path = os.path.join(os.environ["GPTJAX_TEST_CACHE"], f"{name}-{digest}.txt")
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(path):
-            text = compute()
+            try:
+                text = compute()
+            except Exception:
+                text = f"{name} failed once this session:\n{traceback.format_exc()}"
             with open(f"{path}.tmp", "w") as f:
                 f.write(text)
             os.replace(f"{path}.tmp", path)
@@ -98,14 +120,17 @@ def run_command_forked(module: str, *args: str, timeout: float = 120) -> subproc
     if _command_server is None or _command_server.poll() is not None:
         _command_server = subprocess.Popen([sys.executable, "-c", COMMAND_SERVER], cwd=REPO_ROOT, text=True,
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                           env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+                                           env=dict(os.environ, PYTHONPATH=REPO_ROOT), start_new_session=True)
     with tempfile.TemporaryDirectory() as directory:
         out, err = os.path.join(directory, "out"), os.path.join(directory, "err")
         environment = dict(os.environ, PYTHONPATH=REPO_ROOT)
         _command_server.stdin.write(json.dumps([module, list(args), environment, out, err]) + "\n")
         _command_server.stdin.flush()
         if not select.select([_command_server.stdout], [], [], timeout)[0]:
-            _command_server.kill()  # and its child with it, as the next call starts a new one
+            # The server and the command it forked (its own process group), so the next call starts a fresh server
+            # and nothing is left running.
+            os.killpg(_command_server.pid, signal.SIGKILL)
+            _command_server.wait()
             raise TimeoutError(f"python -m {module} {' '.join(args)} ran past {timeout} s")
         returncode = json.loads(_command_server.stdout.readline())
         with open(out) as f_out, open(err) as f_err:

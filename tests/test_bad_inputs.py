@@ -292,7 +292,7 @@ def trained_run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["init_from missing", "init_from of another shape", "a workdir of another shape",
-                                  "batch and accumulation", "a path that matches nothing"])
+                                  "batch and accumulation", "a path that matches nothing", "a platform not here"])
 def test_what_the_config_and_checkpoints_can_tell_is_refused_before_any_data_work(trained_run, tmp_path, case):
     cache = tmp_path / "cache"
     workdir, args = tmp_path / "run", [*SMALL_SHAPE, "--config.train.eval_every=0", f"--config.data.cache_dir={cache}"]
@@ -309,14 +309,31 @@ def test_what_the_config_and_checkpoints_can_tell_is_refused_before_any_data_wor
     elif case == "batch and accumulation":
         args += ["--config.train.batch_size=4", "--config.train.grad_accum_steps=3"]
         expected = "train.batch_size=4 is not divisible by train.grad_accum_steps=3"
-    else:
+    elif case == "a path that matches nothing":
         args += ["--config.data.source=text", f"--config.data.path={tmp_path / 'corpus' / '*.txt'}"]
         expected = f"data.path='{tmp_path / 'corpus' / '*.txt'}' matches no files"
+    else:
+        here = sorted({device.platform for device in jax.devices()})
+        missing = next(name for name in ("gpu", "tpu", "cpu") if name not in here)
+        args.append(f"--config.train.platform={missing}")
+        expected = f"train.platform='{missing}' is not available on this machine ("
+        expected_end = f"); it has {', '.join(here)}: set train.platform to one of them, or to '' to let JAX choose"
     saved = sorted(os.listdir(os.path.join(trained_run, "checkpoints")))
-    assert_one_error_line(run_command_forked("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={workdir}",
-                                             *args), expected)
+    result = run_command_forked("gptjax.train", "--config", "experiments/tiny.py", f"--workdir={workdir}", *args)
+    assert_one_error_line(result, expected)
+    if case == "a platform not here":
+        assert result.stderr.strip().endswith(expected_end), result.stderr
     assert not cache.exists()  # no token cache, not even an empty directory
     assert sorted(os.listdir(os.path.join(trained_run, "checkpoints"))) == saved
+
+
+def test_wandb_asked_for_but_not_installed_is_refused_before_any_data_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where it is not installed
+    config = small_config(wandb_project="my-project")
+    config.data.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(UserError, match=r"^train.wandb_project='my-project' needs wandb: pip install wandb"):
+        train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_warmup_longer_than_the_run_states_the_peak_it_reaches(tmp_path, capsys):

@@ -65,3 +65,13 @@ def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():
         report["head_to_head_train_tokens_per_second"] / report["torch_train_tokens_per_second"])
     assert report["sample_speed_vs_torch_batch1"] > 0 and report["sample_speed_vs_torch_batch8"] > 0
     assert report["sample_speed_vs_torch_batch1_head_bfloat16"] > 0
+
+
+def test_the_loop_benchmark_times_every_dispatch_bound_and_leaves_the_default():
+    from benchmarks import loop
+    from gptjax import train
+
+    default = train.DISPATCH_AHEAD
+    best = loop.loop_speed(os.path.join(REPO_ROOT, "experiments/tiny.py"), steps=4, rounds=1, batch_size=2)
+    assert set(best) == set(loop.SETTINGS) and all(tokens_per_second > 0 for tokens_per_second in best.values())
+    assert train.DISPATCH_AHEAD == default

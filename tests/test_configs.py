@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -37,3 +39,15 @@ def test_command_line_checks_run_before_absl():
     check_command_line([f"--config={REPO_ROOT}/experiments/m1.py", "--config.train.batch_size=8"], TINY)
     with pytest.raises(UserError, match="'model.n_layers'"):
         check_command_line(["--config.model.n_layers=3"], TINY)
+
+
+@pytest.mark.slow
+def test_the_test_command_runs_without_pytest_xdist():
+    """`pip install -e .` (without `.[test]`) has no pytest-xdist, whose options setup.cfg's addopts pass: the plain
+    `python -m pytest` still runs, in one process, and says why (xdist left out here with `-p no:xdist`)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider",
+                             "tests/test_configs.py", "-k", "not without_pytest_xdist"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "pytest-xdist is not loaded: the tests run in one process" in result.stdout
+    assert " passed" in result.stdout.splitlines()[-1]

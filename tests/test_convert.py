@@ -240,3 +240,78 @@ def test_a_converted_checkpoint_holds_parameters_only_and_trains_in_place(hf_gpt
     result = train_and_evaluate(config, converted, progress=False)
     assert result["step"] == 2 and "opt_state" in os.listdir(os.path.join(converted, "checkpoints", "2"))
     assert os.path.isdir(step_dir) and not os.path.exists(os.path.join(converted, "checkpoints_damaged"))
+
+
+@pytest.fixture(scope="module")
+def hf_small_vocabulary(tmp_path_factory):
+    """A GPT-2-layout model with its own 1,000-token byte-level BPE (trained here on the Python docs), saved with
+    its tokenizer as save_pretrained writes them: (directory, tokenizer)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(topics.values()), trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                                               eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    directory = str(tmp_path_factory.mktemp("hf-small-vocabulary"))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, tokenizer
+
+
+def test_a_model_with_its_own_vocabulary_converts_samples_and_exports_with_its_own_tokenizer(hf_small_vocabulary,
+                                                                                          tmp_path):
+    directory, tokenizer = hf_small_vocabulary
+    assert len(tokenizer) == 1000 and tokenizer.get_vocab() != load_tokenizer("gpt2").get_vocab()
+    workdir = str(tmp_path / "converted")
+    result = run_command_forked("gptjax.convert", f"--hf={directory}", f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    copied = os.path.join(workdir, "tokenizer")  # a copy: the run does not depend on where the download lies
+    assert json.loads(result.stdout.strip().splitlines()[-1])["tokenizer"] == copied
+    _, model_config, meta = load_for_inference(workdir)
+    assert model_config.vocab_size == 1000 and meta["tokenizer"] == meta["config"]["data"]["tokenizer"] == copied
+    assert transformers.AutoTokenizer.from_pretrained(copied).get_vocab() == tokenizer.get_vocab()
+    # Sampling encodes the prompt and decodes the sample with the model's own tokenizer: ids within its vocabulary.
+    sampled = run_command_forked("gptjax.sample", f"--workdir={workdir}", "--prompt=def f(x):", "--max_new_tokens=8",
+                                 "--temperature=0")
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    ids = tokenizer.encode(sampled.stdout)
+    assert sampled.stdout.startswith("def f(x):") and max(ids) < 1000
+    exported = str(tmp_path / "exported")
+    result = run_command_forked("gptjax.convert", f"--workdir={workdir}", f"--to_hf={exported}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert transformers.AutoTokenizer.from_pretrained(exported).get_vocab() == tokenizer.get_vocab()
+    assert transformers.GPT2LMHeadModel.from_pretrained(exported).config.vocab_size == 1000
+
+
+@pytest.mark.parametrize("mistake", ["no tokenizer", "a tokenizer larger than the model's vocabulary"])
+def test_a_model_without_a_tokenizer_that_fits_it_is_refused_in_one_line(hf_small_vocabulary, tmp_path, mistake):
+    directory, tokenizer = hf_small_vocabulary
+    broken = str(tmp_path / "hf")
+    shutil.copytree(directory, broken)
+    with open(os.path.join(broken, "config.json")) as f:
+        hf_config = json.load(f)
+    if mistake == "no tokenizer":
+        for name in os.listdir(broken):
+            if name not in ("config.json", "model.safetensors", "generation_config.json"):
+                os.remove(os.path.join(broken, name))
+        expected = (f"error: {broken} holds no tokenizer (none of tokenizer.json, vocab.json, tokenizer_config.json, "
+                    f"tokenizer.model) and its model's vocab_size=1000 is not GPT-2's 50257")
+    else:
+        torch.manual_seed(0)
+        hf_config["vocab_size"] = 500
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(**{
+            k: hf_config[k] for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bos_token_id",
+                                      "eos_token_id")})).save_pretrained(broken)
+        expected = (f"error: the tokenizer in {broken} has 1000 tokens but the model's vocab_size is 500: its ids "
+                    f"would index past the model's vocabulary")
+    workdir = tmp_path / "converted"
+    result = run_command_forked("gptjax.convert", f"--hf={broken}", f"--workdir={workdir}")
+    assert result.returncode == 2 and result.stderr.strip().startswith(expected), result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and not workdir.exists()

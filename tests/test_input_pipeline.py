@@ -4,6 +4,8 @@ tf.data, TFDS and Hugging Face `datasets` code paths, fed local files."""
 import json
 import os
 import re
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import tensorflow_datasets as tfds
 from pydoc_data.topics import topics
 
 from gptjax import input_pipeline as ip
+from gptjax import interrupts
 from gptjax.configs import base_config
 from gptjax.errors import UserError
 from gptjax.tokenizer import END_OF_TEXT_ID, load_tokenizer
@@ -261,6 +264,21 @@ def test_interrupted_prepare_resumes_and_matches_a_fresh_one(tmp_path):
     for split in ("train", "validation"):
         np.testing.assert_array_equal(resumed.stream(split).read(0, resumed.num_tokens(split)),
                                       fresh.stream(split).read(0, fresh.num_tokens(split)))
+
+
+def test_a_stop_requested_in_one_handled_block_is_not_left_for_the_next_call(tmp_path):
+    """A notebook: one call stopped by Ctrl-C inside `interrupts.handled()`; the next call that checks for a stop
+    (tokenizing a corpus, which polls between batches) runs to the end."""
+    with pytest.raises(interrupts.Interrupted), interrupts.handled():
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while not interrupts.requested() and time.monotonic() < deadline:  # the watcher thread notes it
+            time.sleep(0.01)
+        interrupts.check()
+    assert not interrupts.requested()
+    cache = ip.prepare(make_config(path=write_txt_corpus(tmp_path / "corpus"), shard_tokens=300),
+                       str(tmp_path / "work"), progress=False)
+    assert cache.manifest["complete"] and cache.manifest["documents_done"] == len(DOCUMENTS)
 
 
 def test_replace_mode_accepts_invalid_utf8(tmp_path):

@@ -38,20 +38,34 @@ def test_cached_greedy_equals_full_forward_greedy(params):
     assert int(jnp.argmax(logits[0, -1])) == reference[0, 3]
 
 
-def test_decoding_past_the_context_window_slides(params):
+def count_slides(monkeypatch) -> list[bool]:
+    """Whether each call of the decoding loop that `generate` makes slides the window, as the calls come."""
+    slides, decode_steps = [], sampling.decode_steps
+
+    def counting_decode_steps(*args, slide, **options):
+        slides.append(slide)
+        return decode_steps(*args, slide=slide, **options)
+
+    monkeypatch.setattr(sampling, "decode_steps", counting_decode_steps)
+    return slides
+
+
+def test_decoding_past_the_context_window_slides(params, monkeypatch):
     prompt = list(range(100, 130))  # longer than the 16-token window
     fitted, dropped = sampling.fit_prompt(prompt, CFG, eos_id=50256)
     assert dropped == 14 and fitted == prompt[14:]
+    slides = count_slides(monkeypatch)
     out = sampling.generate(params, CFG, fitted, jax.random.key(1), max_new_tokens=40, temperature=0.0)
     assert out.shape == (1, 40)
-    # The window is full from the start, so it slides at the first token and every 4 tokens after: 10 slides,
-    # every token equal to the uncached reference that follows the same rule.
+    # The window is full from the start, so it slides at the first token, keeping 12, and at every 5th token after
+    # (4 fill it again): 8 slides, every token equal to the uncached reference, whose rule is written out on its own.
+    assert sum(slides) == 8
     np.testing.assert_array_equal(out, sampling.generate_greedy_uncached(params, CFG, fitted, 40))
     assert sampling.fit_prompt([], CFG, eos_id=50256) == ([50256], 0)
 
 
 @pytest.mark.parametrize("pos_embedding", ["sinusoidal", "learned", "rope"])
-def test_every_token_past_several_slides_equals_the_uncached_reference(pos_embedding):
+def test_every_token_past_several_slides_equals_the_uncached_reference(pos_embedding, monkeypatch):
     cfg = CFG.replace(pos_embedding=pos_embedding)
     p = GPT(cfg).init(jax.random.key(1), jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
     embedding = p["token_embedding"]["embedding"]
@@ -59,12 +73,30 @@ def test_every_token_past_several_slides_equals_the_uncached_reference(pos_embed
     # Large block weights make predictions peaked and varied (a random model's greedy path soon repeats one token,
     # which any window rule would reproduce).
     p = jax.tree.map(lambda x: x * 12 if x.ndim == 2 and x.shape[0] < cfg.padded_vocab_size else x, p)
-    prompt = [464, 2068, 7586]  # fills the 16-token window after 13 tokens, then slides every 4: 7 slides in 40
+    prompt = [464, 2068, 7586]  # fills the 16-token window after 13 tokens, then slides at 14, 19, ..., 39: 6 slides
+    slides = count_slides(monkeypatch)
     cached = sampling.generate(p, cfg, prompt, jax.random.key(0), max_new_tokens=40, temperature=0.0, num_samples=2,
                                chunk=5)
     reference = sampling.generate_greedy_uncached(p, cfg, prompt, 40, num_samples=2)
+    assert sum(slides) == 6
     np.testing.assert_array_equal(cached, reference)
     assert len(set(reference[0].tolist())) >= 5 and len(set(reference[0, 20:].tolist())) >= 2  # a varied path
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_decoding_head_computes_the_models_own_logits(dtype, tie_embeddings):
+    """kernels.head_logits over kernels.output_head (float32 layout, the default) against GPT.output_logits, the
+    textbook path, for a float32 and a bfloat16 model, tied and untied, at 1 and 8 rows: the same logits up to float32
+    summation order (a bfloat16 model's weights rounded as the model rounds them)."""
+    cfg = CFG.replace(dtype=dtype, tie_embeddings=tie_embeddings)
+    p = GPT(cfg).init(jax.random.key(2), jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
+    for rows in (1, 8):
+        hidden_BxD = jax.random.normal(jax.random.key(rows), (rows, cfg.d_model)).astype(cfg.compute_dtype)
+        textbook_BxV = GPT(cfg).apply({"params": p}, hidden_BxD[:, None], method=GPT.output_logits)[:, 0]
+        head_BxV = kernels.head_logits(hidden_BxD, kernels.output_head(p, cfg))
+        np.testing.assert_allclose(head_BxV[:, :cfg.vocab_size], textbook_BxV[:, :cfg.vocab_size], rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_a_new_prompt_length_or_token_count_compiles_nothing_new(params, caplog):

@@ -35,6 +35,8 @@ def output_head(params, model_config, head_dtype: str = "float32") -> jax.Array:
     of a step on a CPU, whose matmuls are bound by memory at decoding's few rows:
     - float32 [D, V], the tied embedding transposed: XLA's CPU matmul reads it 1.6x faster than [V, D] at batch 8;
     - bfloat16 [V, D] (opt-in), half the bytes, logits still accumulated in float32 (see `head_logits`).
+    Either way the weights are first rounded to the model's compute dtype, as `GPT.output_logits` reads them: a
+    bfloat16 model's logits are then the model's own (float32 weights would give others, by up to ~0.5).
     """
     if head_dtype not in HEAD_DTYPES:
         raise ValueError(f"head_dtype={head_dtype!r} is not one of {HEAD_DTYPES}")
@@ -42,6 +44,7 @@ def output_head(params, model_config, head_dtype: str = "float32") -> jax.Array:
         weights_DxV = jnp.transpose(params["token_embedding"]["embedding"])  # a new array, stored [D, V]
     else:
         weights_DxV = params["lm_head"]["kernel"]  # already [D, V]
+    weights_DxV = weights_DxV.astype(model_config.compute_dtype)
     if head_dtype == "bfloat16":
         return jnp.transpose(weights_DxV).astype(jnp.bfloat16)
     return jnp.asarray(weights_DxV, jnp.float32)
