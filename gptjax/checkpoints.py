@@ -153,10 +153,7 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str, model_config: d
             try:
                 restored = manager.restore(candidate, args=ocp.args.Composite(**items))
             except Exception as e:
-                check_tree_matches(e, candidate, workdir)
-                check_is_damage(e, candidate, workdir)
-                warn(f"checkpoint {candidate} in {checkpoint_dir(workdir)} could not be restored "
-                     f"({describe_error(damage_in(e))}); trying an older one")
+                skip_if_damaged(e, candidate, workdir)  # one warning line; anything but damage is one error line
                 continue
             return restored["params"], restored.get("opt_state"), meta
     if steps:
@@ -195,6 +192,15 @@ def error_chain(error: BaseException | None) -> list[BaseException]:
     return chain
 
 
+def skip_if_damaged(error: Exception, step: int, workdir: str) -> None:
+    """Warns that checkpoint `step` is damaged and an older one is tried; raises a UserError that leaves it in
+    place if `error` says anything else (a tree of other arrays, an unreadable file that is not damage)."""
+    check_tree_matches(error, step, workdir)
+    check_is_damage(error, step, workdir)
+    warn(f"checkpoint {step} in {checkpoint_dir(workdir)} could not be restored ({describe_error(damage_in(error))}); "
+         f"trying an older one")
+
+
 def check_is_damage(error: Exception, step: int, workdir: str) -> None:
     """Raises a UserError that leaves checkpoint `step` where it is, unless `error` says it is damaged."""
     if not is_damage(error):
@@ -210,13 +216,29 @@ def check_tree_matches(error: Exception, step: int, workdir: str) -> None:
                      if isinstance(e, ValueError) and "tree structures do not match" in str(e)), None)
     if mismatch is None:
         return
-    # Orbax names each differing key, with "Source" our tree and "Target" the checkpoint's, one of them MISSING.
-    differences = re.findall(r"([^\s:]+):\s+- Source: (\S+).*?- Target: (\S+)", mismatch, flags=re.S)
-    named = [f"{key} only in the {'checkpoint' if ours == 'MISSING' else 'model'}" for key, ours, theirs in differences
-             if "MISSING" in (ours, theirs)] or [" ".join(mismatch.split())[:160]]
+    named = tree_differences(mismatch) or [" ".join(mismatch.split())[:160]]
     raise UserError(f"checkpoint {step} in {checkpoint_dir(workdir)} holds other arrays than this version of gptjax's "
                     f"model ({'; '.join(named[:4])}); it was left in place: read it with the gptjax version that saved "
                     f"it") from None
+
+
+def tree_differences(mismatch: str) -> list[str]:
+    """'KEY only in the model' / 'KEY only in the checkpoint' for each key that Orbax's tree mismatch error names.
+    Current Orbax lists each key with "Source" (our tree) and "Target" (the checkpoint's), one of them MISSING; the
+    Apple stack's Orbax prints a dict of Diff(lhs=ours, rhs=the checkpoint's), one of them None."""
+    listed = re.findall(r"([^\s:]+):\s+- Source: (\S+).*?- Target: (\S+)", mismatch, flags=re.S)
+    if listed:
+        return [f"{key} only in the {'checkpoint' if ours == 'MISSING' else 'model'}"
+                for key, ours, theirs in listed if "MISSING" in (ours, theirs)]
+    starts = list(re.finditer(r"'([^']+)': Diff\(lhs=", mismatch))
+    named = []
+    for start, following in zip(starts, starts[1:] + [None]):
+        diff = mismatch[start.end():following.start() if following else len(mismatch)]
+        if diff.startswith("None"):
+            named.append(f"{start.group(1)} only in the checkpoint")
+        elif "rhs=None)" in diff:
+            named.append(f"{start.group(1)} only in the model")
+    return named
 
 
 @contextlib.contextmanager

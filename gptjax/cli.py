@@ -9,6 +9,7 @@
 - `parse_own_flags`: the same parsing for the commands that are also called as functions (scaling, benchmarks).
 """
 
+import re
 import sys
 
 import ml_collections
@@ -57,12 +58,30 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None,
             if "Non-boolean argument to boolean flag" in message:  # absl shows the raw (reason, value) tuple
                 flag = message.split(":", 1)[0].removeprefix("flag ")
                 raise UserError(f"{flag} is not a boolean: use true or false (also 1/0)") from None
-            raise UserError(f"{message}; see --help") from None
+            raise UserError(f"{message}{flag_error_hint(message, flag_values or flags.FLAGS)}; see --help") from None
         if len(remaining) > 1:
             looks_like_config = remaining[1].endswith(".py") and "config" in (flag_values or flags.FLAGS)
             hint = f"; did you mean --config {remaining[1]}?" if looks_like_config else ""
             raise UserError(f"unexpected argument {remaining[1]!r}: options are passed as --name=value{hint}")
     return remaining
+
+
+def flag_error_hint(message: str, flag_values: flags.FlagValues) -> str:
+    """The fix for the two flag errors a user makes most: a whole number written as a float (`steps=1e3`) and a
+    config key without its `config.` prefix (`--train.steps=10`)."""
+    not_an_integer = re.search(r"flag --(\S+)=(\S+): invalid literal for int\(\)", message)
+    if not_an_integer:
+        name, value = not_an_integer.groups()
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if number.is_integer():
+            return f" (an integer: write --{name}={int(number)})"
+    unknown = re.search(r"Unknown command line flag '([\w.]+)'", message)
+    if unknown and "." in unknown.group(1) and "config" in flag_values:
+        return f" (did you mean --config.{unknown.group(1)}?)"
+    return ""
 
 
 def run(main) -> None:

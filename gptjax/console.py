@@ -39,7 +39,7 @@ def print_plan(run, start_step: int) -> None:
           f"{jax.process_count()} process(es)")
     print(f"model    | {param_count(cfg):,} parameters | {describe(model_flops, flops=True)} FLOPs/token "
           f"(6N + 12LTD) | {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.pos_embedding} positions, "
-          f"{cfg.activation}")
+          f"{cfg.activation} | {exportability(cfg)}")
     print(f"data     | {input_pipeline.describe_source(data)} | train {cache.num_tokens('train'):,} tokens "
           f"({run.train_stream.num_windows(data.seq_len):,} windows of {data.seq_len + 1}) | validation "
           f"{cache.num_tokens('validation'):,} tokens")
@@ -54,6 +54,14 @@ def print_plan(run, start_step: int) -> None:
               f"the learning rate rises to {float(run.schedule(run.total_steps - 1)):.3g}, never to "
               f"train.learning_rate={train.learning_rate:g}; lower train.warmup_steps to reach it")
     print(f"workdir  | {os.path.abspath(run.workdir)}" + (f" | resumed at step {start_step}" if start_step else ""))
+
+
+def exportability(cfg: ModelConfig) -> str:
+    """Whether `python -m gptjax.convert --to_hf` can export the model, said before it is trained."""
+    from gptjax.convert import flags_for_gpt2_layout
+
+    needed = flags_for_gpt2_layout(cfg)
+    return f"Hugging Face export needs {' '.join(needed)}" if needed else "exports to Hugging Face (GPT-2 layout)"
 
 
 def sample_text(params, model_config: ModelConfig, tokenizer, seed: int, max_new_tokens: int = 32) -> str:

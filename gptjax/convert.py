@@ -165,9 +165,16 @@ def convert(hf_dir: str, workdir: str, scan_layers: bool = False) -> dict:
 
 
 # What a gptjax model must be for GPT-2 (and so Hugging Face's GPT2LMHeadModel) to express it.
-# key -> the values GPT-2 has for it.
+# key -> the values GPT-2 has for it (the first: the one to train with).
 GPT2_LAYOUT = {"pos_embedding": ("learned",), "activation": ("gelu", "gelu_exact"), "use_bias": (True,),
                "tie_embeddings": (True,)}
+
+
+def flags_for_gpt2_layout(cfg: ModelConfig) -> list[str]:
+    """The config flags a run of this model needs for `--to_hf` to export it (none: it exports), e.g.
+    ['--config.model.pos_embedding=learned', '--config.model.activation=gelu'] for the default model."""
+    return [f"--config.model.{key}={str(values[0]).lower()}" for key, values in GPT2_LAYOUT.items()
+            if getattr(cfg, key) not in values]
 
 
 def hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -198,11 +205,12 @@ def export_to_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
         raise UserError(f"--to_hf {hf_dir!r} exists and is not an empty directory; pass a new directory")
     params, cfg, meta = checkpoints.load_for_inference(workdir, step)
-    other = [f"model.{key}={getattr(cfg, key)!r}" for key, values in GPT2_LAYOUT.items()
-             if getattr(cfg, key) not in values]
-    if other:
-        raise UserError(f"GPT-2 cannot express this model ({', '.join(other)}); only runs with learned positions, "
-                        f"GELU, biases and a tied output layer export to Hugging Face")
+    needed = flags_for_gpt2_layout(cfg)
+    if needed:
+        other = [f"model.{key}={getattr(cfg, key)!r}" for key, values in GPT2_LAYOUT.items()
+                 if getattr(cfg, key) not in values]
+        raise UserError(f"GPT-2 cannot express this model ({', '.join(other)}); a run trained with "
+                        f"{' '.join(needed)} exports to Hugging Face")
     tokenizer = load_tokenizer(meta["config"]["data"]["tokenizer"])  # the run's own, written beside the model
     if len(tokenizer) > cfg.vocab_size:
         raise UserError(f"the run's tokenizer {meta['config']['data']['tokenizer']!r} has {len(tokenizer)} tokens, "

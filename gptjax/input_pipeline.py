@@ -26,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+import platform
 import re
 import threading
 import weakref
@@ -327,11 +328,60 @@ def token_dtype(tokenizer_name: str) -> str:
     return "uint16" if len(load_tokenizer(tokenizer_name)) <= 2 ** 16 else "uint32"
 
 
+def source_fingerprint(data) -> dict:
+    """What the source reads, where it can change under the same config: each local file data.path and
+    data.eval_path match, as [path, bytes, modification time in ns] (a file added, removed, edited or touched is
+    other text), and the Python whose manual python_docs reads. Empty for TFDS and Hugging Face datasets, whose name
+    and config (in `cache_key`) say which data they are."""
+    fingerprint = {}
+    if data.source == "python_docs":
+        fingerprint["python"] = platform.python_version()
+    patterns = [(data.path, "data.path")] if data.source == "text" and data.path else []
+    patterns += [(data.eval_path, "data.eval_path")] if data.get("eval_path") else []
+    if patterns:
+        fingerprint["files"] = [[os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns]
+                                for pattern, key in patterns for path in matching_files(pattern, key)]
+    return fingerprint
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def cache_directory(data, workdir: str) -> str:
-    key = json.dumps(cache_key(data), sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    """<data.cache_dir or workdir/data>/<source>-<hash of cache_key>[-<hash of source_fingerprint>]: other text is
+    another cache, so a cache is never silently stale."""
     root = data.cache_dir or os.path.join(workdir, "data")
-    return os.path.join(root, f"{data.source}-{digest}")
+    fingerprint = source_fingerprint(data)
+    return os.path.join(root, f"{data.source}-{digest(cache_key(data))}"
+                        + (f"-{digest(fingerprint)}" if fingerprint else ""))
+
+
+def what_changed(directory: str, fingerprint: dict) -> str | None:
+    """The newest complete cache beside `directory` (same config, other files or Python) and how the source
+    differs from what it was tokenized from, in a few words; None when there is no such cache."""
+    older = []
+    for manifest_path in glob.glob(f"{directory.rsplit('-', 1)[0]}-*/{MANIFEST}"):
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if manifest.get("complete") and "source" in manifest:
+            older.append((os.path.getmtime(manifest_path), os.path.dirname(manifest_path), manifest["source"]))
+    if not older:
+        return None
+    _, old_directory, old = max(older)
+    if old.get("python") != fingerprint.get("python"):
+        return f"{old_directory} (Python {old.get('python')}'s manual there, {fingerprint.get('python')}'s here)"
+    before = {path: (size, mtime) for path, size, mtime in old.get("files", [])}
+    now = {path: (size, mtime) for path, size, mtime in fingerprint.get("files", [])}
+    changes = {"added": sorted(set(now) - set(before)), "removed": sorted(set(before) - set(now)),
+               "changed": sorted(p for p in set(now) & set(before) if now[p] != before[p])}
+    counts = ", ".join(f"{len(paths)} {what}" for what, paths in changes.items() if paths)
+    first = [os.path.basename(p) for paths in changes.values() for p in paths][:3]
+    more = ", ..." if sum(map(len, changes.values())) > len(first) else ""
+    return f"{old_directory} (files {counts}: {', '.join(first)}{more})"
 
 
 def held_out_documents(data: ml_collections.ConfigDict):
@@ -390,14 +440,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
     data = config.data
     directory = cache_directory(data, workdir)
     manifest_path = os.path.join(directory, MANIFEST)
-    manifest = {"version": 1, "key": cache_key(data), "complete": False, "documents_done": 0,
-                "splits": {"train": [], "validation": []}}
+    fingerprint = source_fingerprint(data)
+    manifest = {"version": 1, "key": cache_key(data), "source": fingerprint, "complete": False,
+                "documents_done": 0, "splits": {"train": [], "validation": []}}
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
         if manifest["complete"]:
             return TokenCache(directory, manifest)
         print(f"Resuming tokenization after {manifest['documents_done']} documents ({directory})")
+    elif fingerprint:
+        change = what_changed(directory, fingerprint)
+        if change:
+            print(f"note     | {describe_source(data)} changed since it was tokenized into {change}; tokenizing "
+                  f"it again, into {directory}")
 
     encode_batch, eos_id = tokenizer_encode_batch(data.tokenizer)
     manifest["dtype"] = dtype = manifest.get("dtype", token_dtype(data.tokenizer))

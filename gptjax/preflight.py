@@ -1,6 +1,8 @@
 """The checks a training run makes before its first step: each refuses, in one line naming the fix, a run that
 would fail later (after minutes of tokenizing or compiling) or silently train on something else than asked."""
 
+import os
+
 import ml_collections
 
 from gptjax import checkpoints, input_pipeline
@@ -31,6 +33,8 @@ def check_checkpoints_fit(config: ml_collections.ConfigDict, workdir: str) -> No
     meta = checkpoints.latest_meta(workdir)
     if meta is not None:
         checkpoints.check_compatible(meta, config.model.to_dict(), workdir)
+        if not config.train.accept_data_change:  # other text or batches: refused before it is tokenized
+            check_same_data(meta, planned_batches(config, input_pipeline.cache_directory(config.data, workdir)), False)
         return
     init_from = config.train.init_from
     if not init_from:
@@ -45,15 +49,21 @@ def check_checkpoints_fit(config: ml_collections.ConfigDict, workdir: str) -> No
 
 def data_fingerprint(config: ml_collections.ConfigDict, cache: input_pipeline.TokenCache) -> dict:
     """What decides which tokens batch i holds; saved in checkpoints and compared on resume."""
-    return {"token_cache": cache.fingerprint(), "train.batch_size": config.train.batch_size,
+    return {"token_cache": cache.fingerprint(), **planned_batches(config, cache.directory)}
+
+
+def planned_batches(config: ml_collections.ConfigDict, cache_directory: str) -> dict:
+    """The part of `data_fingerprint` known before tokenizing: the token cache's name (a hash of the data config and
+    of the files it reads), the batch size, the window length and the seed."""
+    return {"token_cache_name": os.path.basename(cache_directory), "train.batch_size": config.train.batch_size,
             "data.seq_len": config.data.seq_len, "train.seed": config.train.seed}
 
 
 def check_same_data(meta: dict, fingerprint: dict, accept_change: bool) -> None:
     """Refuses to resume onto other data or batches (which would silently change what comes next), unless asked."""
     saved = meta.get("data_fingerprint") or fingerprint  # checkpoints from before this check have none
-    differences = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in fingerprint.items()
-                   if saved.get(key) != value]
+    differences = [f"{key} {saved[key]!r} there, {value!r} here" for key, value in fingerprint.items()
+                   if saved.get(key, value) != value]  # (a key older checkpoints lack is not compared)
     if not differences:
         return
     what = "; ".join(differences)

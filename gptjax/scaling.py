@@ -1,7 +1,8 @@
 """`python -m gptjax.scaling --flops 1e17`: compute-optimal model and data size (Hoffmann et al. 2022, Chinchilla).
 
 With `--config experiments/m1.py --device_flops 10.4e12 --mfu 0.3` it instead projects how long that experiment
-takes on a device with that peak at that MFU (model FLOPs utilisation).
+takes on a device with that peak at that MFU (model FLOPs utilisation); without `--device_flops`, on this machine's
+device (its datasheet peak, or the matmul peak training measured and kept).
 
 Given a training budget C in FLOPs (or a device's FLOP/s, an expected MFU and hours), it prints:
 - the ~20-tokens-per-parameter rule with C = 6 N D:            N = sqrt(C / 120), D = 20 N;
@@ -116,11 +117,12 @@ def projection(config, device_flops: float, mfu: float) -> dict:
             "hours": flops / (device_flops * mfu) / 3600}
 
 
-def explain_projection(name: str, p: dict) -> str:
-    return (f"{name}: {p['params'] / 1e6:.1f}M parameters, {p['flops_per_token'] / 1e6:.0f}M FLOPs per token, "
-            f"{p['steps']:,} steps = {p['tokens'] / 1e9:.2f}B tokens ({p['tokens_per_parameter']:.0f} per parameter) "
-            f"= {p['flops']:.3g} FLOPs\n  at {100 * p['mfu']:.0f}% MFU of {p['device_flops'] / 1e12:.3g} TFLOP/s: "
-            f"{p['tokens_per_second'] / 1e3:,.0f}k tokens/s, {p['hours']:.1f} hours")
+def explain_projection(name: str, p: dict, peak_source: str = "--device_flops") -> str:
+    return (f"{name}: {describe(p['params'])} parameters, {describe(p['flops_per_token'])} FLOPs per token, "
+            f"{p['steps']:,} steps = {describe(p['tokens'])} tokens ({p['tokens_per_parameter']:.3g} per parameter) "
+            f"= {p['flops']:.3g} FLOPs\n  at {100 * p['mfu']:.0f}% MFU of {p['device_flops'] / 1e12:.3g} TFLOP/s "
+            f"({peak_source}): {describe(p['tokens_per_second'])} tokens/s, "
+            + (f"{p['hours']:.3g} hours" if p["hours"] >= 1 else f"{60 * p['hours']:.3g} minutes"))
 
 
 def report(flops: float, context: int = 256) -> dict:
@@ -201,7 +203,7 @@ def main(argv=None) -> None:
     flags.DEFINE_float("mfu", 0.35, "... the fraction of it training reaches ...", flag_values=args)
     flags.DEFINE_float("hours", None, "... and the hours you have", flag_values=args)
     flags.DEFINE_integer("context", 256, "context length of the suggested shapes", flag_values=args)
-    flags.DEFINE_string("config", None, "or: an experiment file, to project its hours from --device_flops and --mfu",
+    flags.DEFINE_string("config", None, "or: an experiment file, to project its hours from --mfu and --device_flops (default: this machine's peak)",
                         flag_values=args)
     flags.DEFINE_bool("json", False, "print JSON instead of a table", flag_values=args)
     cli.parse_own_flags(args, argv, __doc__.splitlines()[0])
@@ -212,12 +214,16 @@ def main(argv=None) -> None:
                         f"--{name}={value} must be a positive number")
         cli.require(0 < args.mfu <= 1, f"--mfu={args.mfu} must be in (0, 1]: the fraction of the peak reached")
         if args.config:
-            cli.require(args.device_flops is not None, "--config needs --device_flops (the device's peak FLOP/s, "
-                                                       "e.g. 10.4e12 for an M1 Max in float32) and --mfu")
             config = load_config_file(args.config)
             validate(config)
-            result = projection(config, args.device_flops, args.mfu)
-            print(json.dumps(result, indent=1) if args.json else explain_projection(args.config, result))
+            device_flops, peak_source = args.device_flops, "--device_flops"
+            if device_flops is None:  # this machine's: the datasheet's, train.peak_flops, or the kept measurement
+                from gptjax.hardware import peak_flops_per_device
+
+                device_flops, peak_source = peak_flops_per_device(config.model.dtype, config.train.peak_flops)
+            result = projection(config, device_flops, args.mfu)
+            print(json.dumps(result, indent=1) if args.json
+                  else explain_projection(args.config, result, peak_source))
             return
         if args.flops is None:
             cli.require(args.device_flops is not None and args.hours is not None,

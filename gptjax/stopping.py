@@ -23,13 +23,15 @@ class RunInterrupted(KeyboardInterrupt):
 
 def cast_stop_vote(requested: bool, mesh: Mesh):
     """Whether any process was asked to stop, as of now, as a value to read later with `read_stop_vote` (after the
-    step it follows has finished). One process: its own flag. Several: an `any` over every process's flag, a tiny
-    all-reduce dispatched behind the step in flight, so no process waits for it now (an all-gather read on the host
-    at every step would make each wait for its step to finish before dispatching the next). Every process reads the
-    same answer for the same vote, so all stop after the same step and save it together (a signal reaching one
-    process alone would otherwise send it into the collective save while the others wait in the next step)."""
+    step it follows has finished). One process: None, nothing to agree on, so the request is read as it is then.
+    Several: an `any` over every process's flag, a tiny all-reduce dispatched behind the step in flight, so no
+    process waits for it now (an all-gather read on the host at every step would make each wait for its step to
+    finish before dispatching the next). Every process reads the same answer for the same vote, so all stop after
+    the same step and save it together (a signal reaching one process alone would otherwise send it into the
+    collective save while the others wait in the next step); the price is that a vote cast after step s is read
+    after the host has dispatched the steps it may run ahead, so they stop up to twice as many steps later."""
     if jax.process_count() == 1:
-        return requested
+        return None
     local_flags = np.full((len(mesh.local_devices),), requested)
     flags = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), local_flags)
     return any_process(mesh)(flags)
@@ -41,7 +43,10 @@ def any_process(mesh: Mesh):
 
 
 def read_stop_vote(vote) -> bool:
-    """The answer of a `cast_stop_vote`: the same on every process (each reads its own replica)."""
+    """The answer of a `cast_stop_vote`: the same on every process (each reads its own replica); with one process,
+    whether a stop is requested now."""
+    if vote is None:
+        return interrupts.requested()
     return vote if isinstance(vote, bool) else bool(np.asarray(vote.addressable_data(0)))
 
 

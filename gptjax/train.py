@@ -93,8 +93,9 @@ def initial_state(run: Run) -> tuple[steps_lib.TrainState, dict]:
 
 def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, progress: bool) -> tuple[int, dict]:
     """Steps from start_step to end_step, with the periodic log / evaluation / checkpoint; (step reached, last
-    metrics). Ctrl-C or SIGTERM stops at most DISPATCH_AHEAD steps after the step in progress, every process after
-    the same step, and saves it (gptjax/interrupts.py, gptjax/stopping.py)."""
+    metrics). Ctrl-C or SIGTERM stops at most DISPATCH_AHEAD steps after the step in progress (2 * DISPATCH_AHEAD
+    + 1 with several processes, which vote), every process after the same step, and saves it (gptjax/interrupts.py,
+    gptjax/stopping.py)."""
     train, data = run.config.train, run.config.data
     step_fn = steps_lib.make_train_step(run.model_config, run.optimizer, run.mesh, run.state_sharding, train.seed,
                                         donate=hardware.supports_donation(),
@@ -195,6 +196,8 @@ def report(run: Run, state, metrics: dict, losses: list, step: int, speed: "Spee
             "tokens_per_second": tokens_per_second,
             "mfu": tokens_per_second * flops_per_token(run.model_config, data.seq_len) / (run.peak[0] *
                                                                                             run.mesh.size)}
+    if last["mfu"] > 1:  # impossible: the kept measured peak is low (it was measured on a busy machine)
+        hardware.mark_peak_low(run.model_config.dtype)
     if evaluate:
         last.update(evaluate_loss(state.params, eval_fn, run.eval_stream, data.seq_len,
                                   train.batch_size // train.grad_accum_steps, train.eval_steps, run.mesh))

@@ -33,6 +33,9 @@ COMMAND_LINE_CASES = [
     ("gptjax.train", ["--config.train.learning_rate=-0.1"], "train.learning_rate=-0.1 is out of range: it must be a "
                                                            "number > 0"),
     ("gptjax.train", ["--config.train.batch_size=abc"], "flag --config.train.batch_size=abc: invalid literal"),
+    ("gptjax.train", ["--config.train.steps=1e3"],
+     "flag --config.train.steps=1e3: invalid literal for int() with base 10: '1e3' (an integer: write "
+     "--config.train.steps=1000)"),
     # Pairings gptjax cannot run as the words promise.
     ("gptjax.train", ["--config.model.dtype=float16"], "model.dtype='float16' would need loss scaling"),
     ("gptjax.train", ["--config.train.sharding=fsdp", "--config.train.parallelism=shard_map"],
@@ -58,7 +61,9 @@ COMMAND_LINE_CASES = [
     # Arguments in the wrong form or place.
     ("gptjax.train", ["experiments/tiny.py"],
      "unexpected argument 'experiments/tiny.py': options are passed as --name=value; did you mean --config"),
-    ("gptjax.train", ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+    ("gptjax.train", ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'; see --help"),
+    ("gptjax.train", ["--train.steps=10"],
+     "Unknown command line flag 'train.steps' (did you mean --config.train.steps?)"),
     ("gptjax.train", ["--config.data.path=my_corpus.txt"],
      "data.path='my_corpus.txt' is set but data.source='python_docs' does not read it; add "
      "--config.data.source=text"),
@@ -220,7 +225,8 @@ def test_an_offline_hub_dataset_fails_at_once_in_one_line(tmp_path):
 
 def test_mfu_above_one_says_the_peak_was_measured_low():
     assert hardware.format_mfu(0.42) == "42.0%"
-    assert hardware.format_mfu(1.17) == "117.0% (over 100%: the measured peak was low; set train.peak_flops)"
+    assert hardware.format_mfu(1.17) == ("over 100%: the peak it divides by is low (measured again next run, or set "
+                                         "train.peak_flops)")
     best = hardware.peak_from_seconds({100: 2e-3, 200: 1e-3})
     assert best == 2 * 200**3 / 1e-3  # the best size wins
     assert hardware.measure_matmul_flops(sizes=(64, 128), repeats=2) > 0

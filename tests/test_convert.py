@@ -166,15 +166,25 @@ def test_export_to_hugging_face_round_trips_with_equal_logits(hf_gpt2, converted
     assert again.returncode == 2 and "exists and is not an empty directory" in again.stderr  # nothing overwritten
 
 
-def test_export_refuses_layouts_gpt2_cannot_express(tmp_path):
-
+def test_export_refuses_layouts_gpt2_cannot_express_and_names_the_flags_that_export(tmp_path, capsys):
+    needed = "--config.model.pos_embedding=learned --config.model.activation=gelu"
     train_and_evaluate(small_config(steps=1), str(tmp_path / "run"), progress=False)  # sinusoidal positions, ReLU
+    assert f"relu | Hugging Face export needs {needed}\n" in capsys.readouterr().out  # said in the plan, up front
     result = run_command_forked("gptjax.convert", f"--workdir={tmp_path / 'run'}", f"--to_hf={tmp_path / 'hf'}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: GPT-2 cannot express this model (model.pos_embedding='sinusoidal', model.activation='relu'); only "
-        "runs with learned positions, GELU, biases and a tied output layer export to Hugging Face"]
+        "error: GPT-2 cannot express this model (model.pos_embedding='sinusoidal', model.activation='relu'); a run "
+        f"trained with {needed} exports to Hugging Face"]
     assert not (tmp_path / "hf").exists()
+    config = small_config(steps=1)  # the advice taken: the flags as the command line would set them
+    for flag in needed.split():
+        key, value = flag.removeprefix("--config.model.").split("=")
+        config.model[key] = value
+    train_and_evaluate(config, str(tmp_path / "exportable"), progress=False)
+    assert "gelu | exports to Hugging Face (GPT-2 layout)\n" in capsys.readouterr().out
+    result = run_command_forked("gptjax.convert", f"--workdir={tmp_path / 'exportable'}", f"--to_hf={tmp_path / 'hf'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("scale_attn_by_inverse_layer_idx", True),

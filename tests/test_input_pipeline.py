@@ -266,6 +266,36 @@ def test_interrupted_prepare_resumes_and_matches_a_fresh_one(tmp_path):
                                       fresh.stream(split).read(0, fresh.num_tokens(split)))
 
 
+def test_text_added_edited_or_removed_under_the_glob_is_tokenized_into_a_new_cache_and_said(tmp_path, capsys):
+    pattern = write_txt_corpus(tmp_path / "corpus", DOCUMENTS[:6])
+    config = make_config(path=pattern, eval_fraction=0.0)
+    first = ip.prepare(config, str(tmp_path / "work"), progress=False)
+    assert ip.prepare(config, str(tmp_path / "work"), progress=False).directory == first.directory  # unchanged: kept
+    assert capsys.readouterr().out == ""
+    corpus, caches = tmp_path / "corpus", [first]
+    for change in ("add", "edit", "remove"):
+        if change == "add":
+            (corpus / "doc_100.txt").write_text(DOCUMENTS[10], encoding="utf-8")
+        elif change == "edit":
+            (corpus / "doc_001.txt").write_text(DOCUMENTS[1] + " And one more line.", encoding="utf-8")
+        else:
+            (corpus / "doc_100.txt").unlink()
+        cache = ip.prepare(config, str(tmp_path / "work"), progress=False)
+        assert cache.directory not in [c.directory for c in caches]
+        what = {"add": "files 1 added: doc_100.txt", "edit": "files 1 changed: doc_001.txt",
+                "remove": "files 1 removed: doc_100.txt"}[change]
+        assert capsys.readouterr().out == (
+            f"note     | text files {pattern!r} changed since it was tokenized into {caches[-1].directory} ({what}); "
+            f"tokenizing it again, into {cache.directory}\n")
+        caches.append(cache)
+    expected = [DOCUMENTS[:6], DOCUMENTS[:6] + [DOCUMENTS[10]],
+                [DOCUMENTS[0], DOCUMENTS[1] + " And one more line."] + DOCUMENTS[2:6] + [DOCUMENTS[10]],
+                [DOCUMENTS[0], DOCUMENTS[1] + " And one more line."] + DOCUMENTS[2:6]]
+    for cache, documents in zip(caches, expected):  # each cache holds the text as it was when tokenized
+        np.testing.assert_array_equal(cache.stream("train").read(0, cache.num_tokens("train")),
+                                      expected_stream(documents))
+
+
 def test_a_stop_requested_in_one_handled_block_is_not_left_for_the_next_call(tmp_path):
     """A notebook: one call stopped by Ctrl-C inside `interrupts.handled()`; the next call that checks for a stop
     (tokenizing a corpus, which polls between batches) runs to the end."""

@@ -1,4 +1,7 @@
-"""docs/tour.md cannot rot: every ```python block of it runs, in order, in one namespace, from the repository root."""
+"""docs/tour.md cannot rot: every ```python block of it, then of its exercises' solutions (docs/tour_solutions.md),
+runs in order in one namespace, from the repository root, and pastes into a plain Python REPL."""
+
+import code
 
 import importlib.util
 import json
@@ -13,6 +16,7 @@ from tests.conftest import TEST_XLA_FLAGS
 from tests.test_train import REPO_ROOT
 
 TOUR = os.path.join(REPO_ROOT, "docs", "tour.md")
+SOLUTIONS = os.path.join(REPO_ROOT, "docs", "tour_solutions.md")
 
 
 def python_blocks(markdown: str) -> list[str]:
@@ -31,16 +35,49 @@ print("TOUR OK: " + str(len(namespace["jax"].devices())) + " devices")
 
 
 @pytest.mark.slow
-def test_every_block_of_the_tour_runs_in_order(tmp_path):
+def test_every_block_of_the_tour_and_its_solutions_runs_in_order(tmp_path):
     with open(TOUR) as f:
         blocks = python_blocks(f.read())
     assert len(blocks) >= 12  # one per stop, at least
+    with open(SOLUTIONS) as f:
+        solutions = python_blocks(f.read())
+    assert len(solutions) == 3  # one per exercise
+    blocks += solutions
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
     env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)  # without a device count: the tour's first block sets it
     result = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json")], cwd=REPO_ROOT,
                             env=dict(env, PYTHONPATH=REPO_ROOT), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().splitlines()[-1] == "TOUR OK: 4 devices", result.stdout[-2000:]
+
+
+class PastedIntoTheREPL(code.InteractiveConsole):
+    """Python's own interactive console, fed a block line by line as a paste into `python` is, compiling each
+    statement as the REPL does but running nothing: it records the syntax errors a reader would meet (a top-level
+    line straight after an indented block, which the REPL reads as part of it; a blank line inside a function)."""
+
+    def __init__(self, errors: list):
+        super().__init__()
+        self.errors, self.line = errors, ""
+
+    def runcode(self, compiled):
+        pass
+
+    def showsyntaxerror(self, filename=None, **kwargs):
+        self.errors.append(f"{self.line!r}: {sys.exc_info()[1]}")
+
+
+@pytest.mark.parametrize("page", [TOUR, SOLUTIONS], ids=os.path.basename)
+def test_every_block_pastes_into_a_plain_python_repl(page):
+    with open(page) as f:
+        blocks = python_blocks(f.read())
+    errors = []
+    for number, block in enumerate(blocks, 1):
+        console = PastedIntoTheREPL(errors)
+        for line in block.splitlines() + [""]:  # the paste, then Enter
+            console.line = f"block {number}: {line}"
+            console.push(line)
+    assert not errors, errors
 
 
 def test_the_line_counts_readme_quotes_are_true():

@@ -182,12 +182,40 @@ def test_resume_onto_other_data_or_batches_is_refused_unless_accepted(tmp_path, 
                                         r"resuming would change which tokens come next; .*accept_data_change=true"):
         train_and_evaluate(small_config(steps=4, batch_size=8, seed=1), str(tmp_path), progress=False)
     other_text = small_config(steps=4)
-    other_text.data.eval_fraction = 0.1  # another split of the corpus: another token cache
-    with pytest.raises(UserError, match=r"token_cache '[0-9a-f]{16}' there, '[0-9a-f]{16}' here"):
+    other_text.data.eval_fraction = 0.1  # another split of the corpus: another token cache, refused before making it
+    with pytest.raises(UserError, match=r"token_cache_name 'python_docs-[0-9a-f]{12}-[0-9a-f]{12}' there, "
+                                        r"'python_docs-[0-9a-f]{12}-[0-9a-f]{12}' here"):
         train_and_evaluate(other_text, str(tmp_path), progress=False)
+    assert len(os.listdir(tmp_path / "data")) == 1  # nothing tokenized
     result = train_and_evaluate(small_config(steps=4, batch_size=8, accept_data_change=True), str(tmp_path),
                                 progress=False)
     assert result["step"] == 4 and "as train.accept_data_change asks" in capsys.readouterr().out
+
+
+def test_a_resume_after_the_text_files_changed_is_refused_before_tokenizing_unless_accepted(tmp_path, capsys):
+    from pydoc_data.topics import topics
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in sorted(topics)[:30]:
+        (corpus / f"{name}.txt").write_text(topics[name], encoding="utf-8")
+    config = small_config(steps=2)
+    config.data.update(dict(source="text", path=str(corpus / "*.txt")))
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir, progress=False)
+    (corpus / "my_new_notes.txt").write_text(topics[sorted(topics)[40]], encoding="utf-8")
+    config.train.steps = 4
+    with pytest.raises(UserError, match=r"the checkpoint at step 2 was trained on other data or batches "
+                                        r"\(token_cache_name 'text-[0-9a-f]{12}-[0-9a-f]{12}' there, "
+                                        r"'text-[0-9a-f]{12}-[0-9a-f]{12}' here\)"):
+        train_and_evaluate(config, workdir, progress=False)
+    assert len(os.listdir(os.path.join(workdir, "data"))) == 1  # refused before tokenizing the new text
+    capsys.readouterr()
+    config.train.accept_data_change = True
+    assert train_and_evaluate(config, workdir, progress=False)["step"] == 4
+    out = capsys.readouterr().out
+    assert "changed since it was tokenized into" in out and "(files 1 added: my_new_notes.txt)" in out
+    assert "resuming at step 2 with other data or batches (token_cache " in out
 
 
 def run_train_command(workdir, *overrides, **popen):
@@ -304,6 +332,47 @@ class Output:
         return self.text["stdout"], self.text["stderr"]
 
 
+def test_ctrl_c_at_a_random_moment_of_training_stops_within_2_steps_of_the_step_in_progress(tmp_path):
+    """A run whose step takes ~1 s (the tiny experiment at 32 rows) interrupted at a random moment: it saves at most
+    DISPATCH_AHEAD steps after the one in progress (the progress bar, which counts finished steps, says which),
+    exits 130, and the checkpoint is the step it names."""
+    import random
+    import re
+
+    from gptjax.train import DISPATCH_AHEAD
+
+    workdir = str(tmp_path / "run")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptjax.train", "--config", "experiments/tiny.py", f"--workdir={workdir}",
+         "--config.train.steps=100000", "--config.train.batch_size=32", "--config.train.checkpoint_every=100000",
+         "--config.train.eval_every=0", "--config.train.log_every=100000", "--config.train.peak_flops=1e12"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    output = Output(process)
+
+    def finished_steps():
+        counts = re.findall(r"(\d+)/100000 \[", output.text["stderr"])
+        return int(counts[-1]) if counts else 0
+
+    try:
+        deadline = time.time() + 240
+        while finished_steps() < 3 and process.poll() is None and time.time() < deadline:  # compiled, and stepping
+            time.sleep(0.05)
+        time.sleep(random.uniform(0, 2))
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.05)  # what the bar had printed when the signal arrived (it reaches this process's pipe late)
+        finished_at_signal = finished_steps()
+        _, stderr = output.finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    saved = int(re.search(r"Interrupted: saving step (\d+) to", stderr).group(1))
+    in_progress = finished_at_signal + 1
+    assert in_progress - 1 <= saved <= in_progress + DISPATCH_AHEAD, (in_progress, saved)
+    assert checkpoints.make_manager(workdir).all_steps() == [saved]
+
+
 @pytest.mark.parametrize("phase", ["tokenizing", "compiling"])
 def test_ctrl_c_before_the_first_step_stops_says_so_and_saves_nothing(tmp_path, phase):
     from pydoc_data.topics import topics
@@ -364,6 +433,24 @@ def test_the_logged_loss_is_the_mean_over_the_log_interval(tmp_path):
     assert [m["step"] for m in read_metrics(str(tmp_path))] == [2, 4]
     np.testing.assert_allclose([m["loss"] for m in read_metrics(str(tmp_path))],
                                [np.mean(losses[:2]), np.mean(losses[2:])], rtol=1e-6)
+
+
+def test_an_mfu_above_100_percent_has_the_low_kept_peak_measured_again_keeping_the_best(tmp_path, monkeypatch):
+    from gptjax import hardware
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path, key = hardware.kept_peak_key("float32")
+    hardware.write_json_atomically(path, {key: 1e6})  # as if measured while the machine was busy: far too low
+    train_and_evaluate(small_config(steps=2, peak_flops=0.0, checkpoint_every=100), str(tmp_path / "run"),
+                       progress=False)
+    assert read_metrics(str(tmp_path / "run"))[-1]["mfu"] > 1  # (the first interval, compiling, counts none)
+    assert hardware.read_json(path) == {key: 1e6, f"{key} | found low": True}
+    measured, source = hardware.peak_flops_per_device("float32")  # measured again
+    assert measured > 1e6 and source == "best measured matmul on cpu"
+    assert hardware.read_json(path) == {key: measured}
+    hardware.write_json_atomically(path, {key: 1e18, f"{key} | found low": True})  # higher than any CPU measures
+    assert hardware.peak_flops_per_device("float32")[0] == 1e18  # the best seen is kept
+    assert hardware.read_json(path) == {key: 1e18}
 
 
 def test_profile_steps_writes_a_trace_of_the_train_step(tmp_path, capsys):
