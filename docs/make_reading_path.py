@@ -24,7 +24,8 @@ PATH = [
      "Face's GPT-2 tokenizer's). The corpus is tokenized once, before training, and every document ends with "
      "end-of-text, 50256."),
     ("Tokens to windows", "gptjax.input_pipeline",
-     ["TokenStream.windows", "shuffled_windows", "batch_window_ids", "train_batches"],
+     ["TokenStream.windows", "shuffled_windows", "epoch_permutation", "batch_window_ids", "process_rows",
+      "train_batches"],
      "A batch is a pure function of (seed, step): which is why a resumed run reads exactly the batches it would "
      "have read."),
     ("The model", "gptjax.model",

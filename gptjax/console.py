@@ -1,15 +1,20 @@
-"""What a training run tells the person at the terminal: the plan before the first step, its speed, a sample at
-each evaluation, and the summary with the commands that come next."""
+"""What a training run tells the person at the terminal: the plan before the first step, its progress, speed and
+logs while it trains (`Watch`), a sample at each evaluation, and the summary with the commands that come next."""
 
+import contextlib
 import os
 import time
 
 import jax
 from jax.sharding import PartitionSpec
+from tqdm import tqdm
 
 from gptjax import hardware, input_pipeline, sampling
 from gptjax import train_step as steps_lib
+from gptjax.configs import profile_steps
+from gptjax.metrics import MetricsLog
 from gptjax.model import ModelConfig
+from gptjax.profiling import Trace
 from gptjax.scaling import describe, flops_per_token, param_count
 
 
@@ -75,6 +80,46 @@ def eval_line(step: int, metrics: dict, sample: str) -> str:
     shown = repr(sample) if sample else "'' (the model ended the text at once: end-of-text was its first token)"
     return (f"step {step}: eval loss {metrics['eval_loss']:.4f} (perplexity {metrics['eval_perplexity']:.1f}) | "
             f"sample: {shown}")
+
+
+class Watch:
+    """What the loop shows and logs, kept out of its way: the progress bar (counting finished steps), metrics.jsonl
+    with TensorBoard and wandb, the tokens/s clock, the training losses since the last report (left on the device
+    until then), and a profile of train.profile_steps."""
+
+    def __init__(self, run, start_step: int, progress: bool):
+        train, data = run.config.train, run.config.data
+        self.log = MetricsLog(run.workdir, start_step, enabled=run.is_chief, wandb_project=train.wandb_project,
+                              config=run.config.to_dict())
+        self.bar = tqdm(total=run.total_steps, initial=start_step, disable=not (progress and run.is_chief),
+                        unit="step", dynamic_ncols=True)
+        self.speed = Speedometer(train.batch_size * data.seq_len)
+        self.trace = Trace(profile_steps(train.profile_steps) if run.is_chief else None,
+                           os.path.join(run.workdir, "profile"))
+        self.losses = []
+
+    @contextlib.contextmanager
+    def step(self, step: int):
+        """Around dispatching `step`: a profiler annotation, inside the trace when `step` is in its window."""
+        self.trace.before(step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            yield
+
+    def dispatched(self, step: int, metrics: dict) -> None:
+        self.trace.after(step, metrics)
+        self.losses.append(metrics["loss"])
+        self.speed.started(step, metrics)
+
+    def reported(self, step: int, metrics: dict) -> None:
+        """After a report (and its evaluation and save): the log line written, the next interval begun."""
+        self.log.write(step, metrics)
+        self.losses = []
+        self.speed.restart(step)  # evaluation and saving do not count against speed
+
+    def close(self) -> None:
+        self.trace.stop()
+        self.log.close()
+        self.bar.close()
 
 
 class Speedometer:

@@ -25,12 +25,9 @@ from tqdm import tqdm
 
 from gptjax import checkpoints, cli, hardware, input_pipeline, interrupts, kernels
 from gptjax import train_step as steps_lib
-from gptjax.configs import profile_steps
 from gptjax.errors import UserError
-from gptjax.console import Speedometer, eval_line, nothing_to_do, print_plan, sample_text, summary
-from gptjax.metrics import MetricsLog
+from gptjax.console import Watch, eval_line, nothing_to_do, print_plan, sample_text, summary
 from gptjax.preflight import check_restored, data_fingerprint
-from gptjax.profiling import Trace
 from gptjax.run import Run, set_up
 from gptjax.scaling import flops_per_token
 from gptjax.stopping import (RunInterrupted, cast_stop_vote, check_finite, exit_stopped_before_training,
@@ -108,13 +105,8 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
                                            start_step, jax.process_index(), jax.process_count())
     local_shape = (train.grad_accum_steps, train.batch_size // jax.process_count() // train.grad_accum_steps,
                    data.seq_len + 1)  # [A, rows of this process, T1]
-    log = MetricsLog(run.workdir, start_step, enabled=run.is_chief, wandb_project=train.wandb_project,
-                     config=run.config.to_dict())
-    bar = tqdm(total=run.total_steps, initial=start_step, disable=not (progress and run.is_chief), unit="step",
-               dynamic_ncols=True)
-    speed, step = Speedometer(train.batch_size * data.seq_len), start_step
-    losses = []  # since the last log line, left on the device until then: the logged loss is their mean
-    trace = Trace(profile_steps(train.profile_steps) if run.is_chief else None, os.path.join(run.workdir, "profile"))
+    watch = Watch(run, start_step, progress)  # the progress bar, metrics.jsonl, the tokens/s clock (console.py)
+    step = start_step
     # JAX dispatches asynchronously: step_fn returns at once with arrays still being computed, and the host goes on
     # to the next batch. Unbounded, the host would queue steps far ahead of the device, and a stop (or the bar, or a
     # save) would wait for all of them. So at most DISPATCH_AHEAD steps are in flight: before going on, the host
@@ -124,34 +116,27 @@ def train_loop(run: Run, state, last: dict, start_step: int, end_step: int, prog
         while step < end_step:
             batch_AxBxT1 = steps_lib.global_batch(next(batches).reshape(local_shape), run.mesh,
                                                   PartitionSpec(None, "data"))
-            trace.before(step + 1)
-            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+            with watch.step(step + 1):
                 state, metrics = step_fn(state, batch_AxBxT1)
             step += 1
-            trace.after(step, metrics)
-            losses.append(metrics["loss"])
+            watch.dispatched(step, metrics)
             in_flight.append((metrics["loss"], cast_stop_vote(interrupts.requested(), run.mesh)))
-            speed.started(step, metrics)
             log_now, eval_now, save_now = periodic_work(train, step, end_step, run.evaluate)
             if log_now or eval_now or save_now:
-                last = report(run, state, metrics, losses, step, speed, eval_fn, eval_now, bar)
-                losses = []
-                log.write(step, last)
+                last = report(run, state, metrics, watch, step, eval_fn, eval_now)
                 if save_now:
                     save(run, state, step, last)
-                speed.restart(step)  # evaluation and saving do not count against speed
-            if wait_for_steps(in_flight, DISPATCH_AHEAD, bar):
+                watch.reported(step, last)
+            if wait_for_steps(in_flight, DISPATCH_AHEAD, watch.bar):
                 raise KeyboardInterrupt  # every process, after this same step (its log line and save done)
-        wait_for_steps(in_flight, 0, bar)
+        wait_for_steps(in_flight, 0, watch.bar)
     except KeyboardInterrupt:
-        bar.close()
+        watch.bar.close()
         save_on_interrupt(state, start_step, run.manager, lambda at, metrics: save(run, state, at, metrics), last,
                           run.workdir, run.is_chief)
         raise RunInterrupted from None
     finally:
-        trace.stop()
-        log.close()
-        bar.close()
+        watch.close()
         batches.close()
         run.manager.wait_until_finished()
     return step, last
@@ -183,14 +168,13 @@ def periodic_work(train: ml_collections.ConfigDict, step: int, end_step: int, ev
             step % train.checkpoint_every == 0 or is_last)
 
 
-def report(run: Run, state, metrics: dict, losses: list, step: int, speed: "Speedometer", eval_fn,
-           evaluate: bool, bar) -> dict:
+def report(run: Run, state, metrics: dict, watch: Watch, step: int, eval_fn, evaluate: bool) -> dict:
     """The metrics of `step` as Python numbers (held-out loss and a sample too, when `evaluate`); refuses a NaN.
-    The training loss is the mean of `losses`, the steps' losses since the last report (as MaxText and Levanter log
-    it): one step's loss swings with its batch."""
+    The training loss is the mean of the steps' losses since the last report (as MaxText and Levanter log it): one
+    step's loss swings with its batch."""
     train, data = run.config.train, run.config.data
-    loss = float(np.mean(jax.device_get(losses)))  # waits for the step: the clock reads after it
-    tokens_per_second = speed.tokens_per_second(step)
+    loss = float(np.mean(jax.device_get(watch.losses)))  # waits for the step: the clock reads after it
+    tokens_per_second = watch.speed.tokens_per_second(step)
     check_finite(loss, bool(metrics["update_is_finite"]), step, run.workdir)
     last = {"loss": loss, "learning_rate": float(run.schedule(step - 1)), "grad_norm": float(metrics["grad_norm"]),
             "tokens_per_second": tokens_per_second,
@@ -202,9 +186,9 @@ def report(run: Run, state, metrics: dict, losses: list, step: int, speed: "Spee
         last.update(evaluate_loss(state.params, eval_fn, run.eval_stream, data.seq_len,
                                   train.batch_size // train.grad_accum_steps, train.eval_steps, run.mesh))
         if run.is_chief and jax.process_count() == 1:  # a short sample, to watch the text improve
-            bar.write(eval_line(step, last, sample_text(state.params, run.model_config, run.tokenizer,
+            watch.bar.write(eval_line(step, last, sample_text(state.params, run.model_config, run.tokenizer,
                                                         train.seed + step)))
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tokens_per_second:,.0f}",
+    watch.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tokens_per_second:,.0f}",
                     mfu=hardware.format_mfu(last["mfu"]))
     return last
 

