@@ -339,8 +339,9 @@ def source_fingerprint(data) -> dict:
     patterns = [(data.path, "data.path")] if data.source == "text" and data.path else []
     patterns += [(data.eval_path, "data.eval_path")] if data.get("eval_path") else []
     if patterns:
-        fingerprint["files"] = [[os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns]
-                                for pattern, key in patterns for path in matching_files(pattern, key)]
+        paths = [path for pattern, key in patterns for path in matching_files(pattern, key)]
+        fingerprint["files"] = [[os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+                                for path, stat in zip(paths, map(os.stat, paths))]
     return fingerprint
 
 
@@ -361,7 +362,7 @@ def what_changed(directory: str, fingerprint: dict) -> str | None:
     """The newest complete cache beside `directory` (same config, other files or Python) and how the source
     differs from what it was tokenized from, in a few words; None when there is no such cache."""
     older = []
-    for manifest_path in glob.glob(f"{directory.rsplit('-', 1)[0]}-*/{MANIFEST}"):
+    for manifest_path in glob.glob(f"{glob.escape(directory.rsplit('-', 1)[0])}-*/{MANIFEST}"):
         try:
             with open(manifest_path) as f:
                 manifest = json.load(f)
