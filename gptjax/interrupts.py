@@ -9,8 +9,8 @@ request instead:
   number to a pipe (`signal.set_wakeup_fd`), and the thread reads it;
 - the work stops at its next safe point, where it calls `check()`: between tokenizer batches, between the phases of
   start-up, in training at most 2 steps after the step in progress (5 in a multi-process run, whose processes
-  agree on it; gptjax/train.py bounds how far the host runs ahead of the device; with its evaluation or save). `check()` raises `Interrupted`, the command saves
-  what can be saved, says what was saved and exits with status 130;
+  agree on it; gptjax/train.py bounds how far the host runs ahead of the device; with its evaluation or save).
+  `check()` raises `Interrupted`, the command saves what can be saved, says what was saved and exits with status 130;
 - a second Ctrl-C exits at once with status 130. Checkpoints are written to a temporary directory and renamed when
   complete, and the token cache records its progress after each shard, so the last complete ones stay usable.
 
@@ -24,8 +24,8 @@ import sys
 import threading
 
 ACKNOWLEDGEMENT = (b"\nStopping at the next safe point (within 2 steps of the step in progress, 5 with several "
-                   b"processes, with its evaluation or save, or between tokenizer batches), then saving what can be saved; press Ctrl-C again to stop at "
-                   b"once\n")
+                   b"processes, with its evaluation or save, or between tokenizer batches), then saving what can be "
+                   b"saved; press Ctrl-C again to stop at once\n")
 AT_ONCE = (b"\nStopped at once: the last complete checkpoint (if any) is kept, and an unfinished token cache resumes; "
            b"rerun the same command to go on\n")
 

@@ -203,8 +203,8 @@ def main(argv=None) -> None:
     flags.DEFINE_float("mfu", 0.35, "... the fraction of it training reaches ...", flag_values=args)
     flags.DEFINE_float("hours", None, "... and the hours you have", flag_values=args)
     flags.DEFINE_integer("context", 256, "context length of the suggested shapes", flag_values=args)
-    flags.DEFINE_string("config", None, "or: an experiment file, to project its hours from --mfu and --device_flops (default: this machine's peak)",
-                        flag_values=args)
+    flags.DEFINE_string("config", None, "or: an experiment file, to project its hours from --mfu and --device_flops "
+                        "(default: this machine's peak)", flag_values=args)
     flags.DEFINE_bool("json", False, "print JSON instead of a table", flag_values=args)
     cli.parse_own_flags(args, argv, __doc__.splitlines()[0])
     with exit_on_user_error():

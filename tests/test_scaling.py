@@ -59,7 +59,8 @@ def test_projected_hours_of_an_experiment_by_hand(capsys):
     assert result["flops"] == pytest.approx(1e17, rel=1e-4)
     assert result["hours"] == pytest.approx(1e17 / (10.4e12 * 0.3) / 3600, rel=1e-4)  # 8.9 hours, not 3
     assert 40 < result["tokens_per_parameter"] < 45
-    scaling.main(["--config", os.path.join(REPO_ROOT, "experiments/m1.py"), "--device_flops", "10.4e12", "--mfu", "0.3"])
+    scaling.main(["--config", os.path.join(REPO_ROOT, "experiments/m1.py"), "--device_flops", "10.4e12",
+                  "--mfu", "0.3"])
     assert "at 30% MFU of 10.4 TFLOP/s (--device_flops): 25.7k tokens/s, 8.9 hours" in capsys.readouterr().out
 
 
@@ -73,9 +74,9 @@ def test_a_projection_without_device_flops_uses_this_machines_kept_peak_and_coun
     scaling.main(["--config", os.path.join(REPO_ROOT, "experiments/tiny.py"), "--mfu", "0.5"])
     # 300 steps of 16 x 64 tokens; 6.84M parameters (the 50304 x 128 embedding, mostly)
     assert capsys.readouterr().out == (
-        f"{REPO_ROOT}/experiments/tiny.py: 6.84M parameters, 41.2M FLOPs per token, 300 steps = 307k tokens (0.0449 per parameter) "
-        f"= 1.27e+13 FLOPs\n  at 50% MFU of 0.1 TFLOP/s (measured matmul on cpu, kept in {path}; "
-        "train.remeasure_peak=true measures again): 1.21k tokens/s, 4.22 minutes\n")
+        f"{REPO_ROOT}/experiments/tiny.py: 6.84M parameters, 41.2M FLOPs per token, 300 steps = 307k tokens "
+        f"(0.0449 per parameter) = 1.27e+13 FLOPs\n  at 50% MFU of 0.1 TFLOP/s (measured matmul on cpu, "
+        f"kept in {path}; train.remeasure_peak=true measures again): 1.21k tokens/s, 4.22 minutes\n")
 
 
 def test_flops_follow_the_trained_sequence_length_not_the_context(tmp_path):
