@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import sys
 import threading
 import weakref
 from typing import Iterator
@@ -210,15 +211,23 @@ def field_of(record, field: str, where: str, fix: str = "set data.text_field") -
     return record[field]
 
 
+def hugging_face_offline() -> None:
+    """Offline mode for `datasets` and huggingface_hub: a dataset in the local cache still loads, and a missing one
+    fails at once instead of after ~30 s of retries, each logged twice. They read it from the environment when they
+    are imported, so it is also set on them where they already are (a notebook's second call)."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module in ("huggingface_hub.constants", "datasets.config"):
+        if hasattr(sys.modules.get(module), "HF_HUB_OFFLINE"):
+            sys.modules[module].HF_HUB_OFFLINE = True
+
+
 def hf_documents(data) -> Iterator[str]:
     """Hugging Face `datasets`: a Hub dataset (wikimedia/wikipedia) or a local builder ('json', 'text', 'parquet')."""
     if not data.name:
         raise UserError("data.source=hf needs data.name, e.g. wikimedia/wikipedia (with data.hf_config=20231101.en)")
     hub_unreachable = data.name not in HF_LOCAL_BUILDERS and not os.path.exists(data.name) and not reachable(HF_HOST)
     if hub_unreachable:
-        # Offline mode before `datasets` is imported (huggingface_hub reads it then): a dataset in the local cache
-        # still loads, and a missing one fails at once instead of after ~30 s of retries, each logged twice.
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        hugging_face_offline()
     import datasets
 
     kwargs = dict(split=data.split, streaming=data.streaming)
@@ -243,15 +252,7 @@ def hf_documents(data) -> Iterator[str]:
 
 def tfds_documents(data):
     """A TFDS text dataset (default wikipedia/20230601.en): prepared from data.data_dir, downloaded if missing."""
-    import tensorflow_datasets as tfds
-
-    if not data.name:
-        raise UserError("data.source=tfds needs data.name, e.g. wikipedia/20230601.en")
-    try:
-        builder = tfds.builder(data.name, data_dir=data.data_dir or None)
-    except Exception as e:  # TFDS raises several types for unknown names and versions
-        raise UserError(f"TFDS has no dataset {data.name!r} ({type(e).__name__}: {str(e).splitlines()[0][:400]}); "
-                        f"check data.name, or point data.data_dir at a directory where it is prepared") from None
+    builder = tfds_builder(data)
     if not builder.is_prepared():
         download_and_prepare_tfds(builder, data)
     features = builder.info.features
@@ -260,6 +261,19 @@ def tfds_documents(data):
                         f"{sorted(features.keys())}); set data.text_field")
     dataset = builder.as_dataset(split=data.split, shuffle_files=False)
     return dataset.map(lambda example: example[data.text_field])
+
+
+def tfds_builder(data):
+    """The TFDS builder of data.name in data.data_dir: its `version` is the one a name without ':version' reads."""
+    import tensorflow_datasets as tfds
+
+    if not data.name:
+        raise UserError("data.source=tfds needs data.name, e.g. wikipedia/20230601.en")
+    try:
+        return tfds.builder(data.name, data_dir=data.data_dir or None)
+    except Exception as e:  # TFDS raises several types for unknown names and versions
+        raise UserError(f"TFDS has no dataset {data.name!r} ({type(e).__name__}: {str(e).splitlines()[0][:400]}); "
+                        f"check data.name, or point data.data_dir at a directory where it is prepared") from None
 
 
 # Where TFDS fetches prepared copies of its catalog datasets: reachable means a download can be tried at all.
@@ -328,21 +342,56 @@ def token_dtype(tokenizer_name: str) -> str:
     return "uint16" if len(load_tokenizer(tokenizer_name)) <= 2 ** 16 else "uint32"
 
 
-def source_fingerprint(data) -> dict:
-    """What the source reads, where it can change under the same config: each local file data.path and
-    data.eval_path match, as [path, bytes, modification time in ns] (a file added, removed, edited or touched is
-    other text), and the Python whose manual python_docs reads. Empty for TFDS and Hugging Face datasets, whose name
-    and config (in `cache_key`) say which data they are."""
+def source_fingerprint(data) -> dict | None:
+    """What the source reads, where it can change under the same config (in `cache_key`):
+    - local files (data.path and data.eval_path of a text source, a Hugging Face builder's data.path, a Hugging Face
+      dataset directory): each one's [path, bytes, modification time in ns], so a file added, removed, edited or
+      touched is other text;
+    - a TFDS dataset: the version its builder reads (a new tensorflow-datasets can move a name to another version);
+    - a Hugging Face Hub dataset: the revision (commit) it loads; None when it cannot be looked up (offline and not
+      in the local cache);
+    - python_docs: the Python whose manual it reads."""
     fingerprint = {}
     if data.source == "python_docs":
         fingerprint["python"] = platform.python_version()
+    elif data.source == "tfds":
+        fingerprint["tfds_version"] = str(tfds_builder(data).version)
+    elif data.source == "hf":
+        local = sorted(glob.glob(os.path.expanduser(data.path))) if data.path else []
+        if os.path.isdir(data.name):
+            local += sorted(os.path.join(top, name) for top, _, names in os.walk(data.name) for name in names)
+        if local:
+            fingerprint["files"] = file_stats(local)
+        elif data.name not in HF_LOCAL_BUILDERS:
+            revision = hf_hub_revision(data)
+            if revision is None:
+                return None
+            fingerprint["hf_revision"] = revision
     patterns = [(data.path, "data.path")] if data.source == "text" and data.path else []
     patterns += [(data.eval_path, "data.eval_path")] if data.get("eval_path") else []
     if patterns:
-        paths = [path for pattern, key in patterns for path in matching_files(pattern, key)]
-        fingerprint["files"] = [[os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
-                                for path, stat in zip(paths, map(os.stat, paths))]
+        files = fingerprint.get("files", []) + file_stats([p for pattern, key in patterns
+                                                           for p in matching_files(pattern, key)])
+        fingerprint["files"] = files
     return fingerprint
+
+
+def file_stats(paths: list[str]) -> list[list]:
+    return [[os.path.abspath(path), stat.st_size, stat.st_mtime_ns] for path, stat in zip(paths, map(os.stat, paths))]
+
+
+def hf_hub_revision(data) -> str | None:
+    """The commit of a Hub dataset that `datasets` loads (from the Hub, or from its local cache when offline)."""
+    if not data.name:
+        return None  # hf_documents names the missing key
+    if not reachable(HF_HOST):
+        hugging_face_offline()
+    import datasets
+
+    try:
+        return datasets.load_dataset_builder(data.name, data.hf_config or None).hash
+    except Exception:  # offline and not cached, or no such dataset: hf_documents says which, in one line
+        return None
 
 
 def digest(value) -> str:
@@ -350,31 +399,58 @@ def digest(value) -> str:
 
 
 def cache_directory(data, workdir: str) -> str:
-    """<data.cache_dir or workdir/data>/<source>-<hash of cache_key>[-<hash of source_fingerprint>]: other text is
-    another cache, so a cache is never silently stale."""
-    root = data.cache_dir or os.path.join(workdir, "data")
-    fingerprint = source_fingerprint(data)
-    return os.path.join(root, f"{data.source}-{digest(cache_key(data))}"
-                        + (f"-{digest(fingerprint)}" if fingerprint else ""))
+    return find_cache(data, workdir, source_fingerprint(data))
 
 
-def what_changed(directory: str, fingerprint: dict) -> str | None:
-    """The newest complete cache beside `directory` (same config, other files or Python) and how the source
-    differs from what it was tokenized from, in a few words; None when there is no such cache."""
-    older = []
-    for manifest_path in glob.glob(f"{glob.escape(directory.rsplit('-', 1)[0])}-*/{MANIFEST}"):
+def unversioned_directory(data, workdir: str) -> str:
+    """<data.cache_dir or workdir/data>/<source>-<hash of cache_key>: every cache of one data config starts so."""
+    return os.path.join(data.cache_dir or os.path.join(workdir, "data"), f"{data.source}-{digest(cache_key(data))}")
+
+
+def find_cache(data, workdir: str, fingerprint: dict | None) -> str:
+    """<unversioned_directory>[-<hash of source_fingerprint>]: other text is another cache, so a cache is never
+    silently stale. Two exceptions keep a Wikipedia-sized cache from being tokenized again for nothing: a TFDS or
+    Hub cache tokenized before versions were recorded (named without the second hash) is taken to be of the version
+    read now, and a Hub dataset whose revision cannot be looked up (offline) uses the newest complete cache of its
+    config."""
+    unversioned = unversioned_directory(data, workdir)
+    if fingerprint is None:
+        caches = complete_caches(unversioned)
+        return max(caches)[1] if caches else unversioned
+    if not fingerprint:
+        return unversioned
+    if {"tfds_version", "hf_revision"} & set(fingerprint):
+        legacy = [source for _, directory, source in complete_caches(unversioned) if directory == unversioned]
+        if legacy and legacy[0] in (None, fingerprint):
+            return unversioned
+    return f"{unversioned}-{digest(fingerprint)}"
+
+
+def complete_caches(unversioned: str) -> list[tuple[float, str, dict | None]]:
+    """(time, directory, source fingerprint or None) of each complete cache of one config, whatever text it holds."""
+    caches = []
+    for manifest_path in [os.path.join(unversioned, MANIFEST)] + glob.glob(f"{glob.escape(unversioned)}-*/{MANIFEST}"):
         try:
             with open(manifest_path) as f:
                 manifest = json.load(f)
         except (OSError, ValueError):
             continue
-        if manifest.get("complete") and "source" in manifest:
-            older.append((os.path.getmtime(manifest_path), os.path.dirname(manifest_path), manifest["source"]))
+        if manifest.get("complete"):
+            caches.append((os.path.getmtime(manifest_path), os.path.dirname(manifest_path), manifest.get("source")))
+    return caches
+
+
+def what_changed(unversioned: str, directory: str, fingerprint: dict) -> str | None:
+    """The newest complete cache of the same config (other files, version or Python) and how the source differs
+    from what it was tokenized from, in a few words; None when there is no such cache."""
+    older = [cache for cache in complete_caches(unversioned) if cache[1] != directory and cache[2] is not None]
     if not older:
         return None
     _, old_directory, old = max(older)
-    if old.get("python") != fingerprint.get("python"):
-        return f"{old_directory} (Python {old.get('python')}'s manual there, {fingerprint.get('python')}'s here)"
+    for key, what in (("python", "Python {}'s manual"), ("tfds_version", "TFDS version {}"),
+                      ("hf_revision", "revision {}")):
+        if old.get(key) != fingerprint.get(key):
+            return f"{old_directory} ({what.format(old.get(key))} there, {what.format(fingerprint.get(key))} here)"
     before = {path: (size, mtime) for path, size, mtime in old.get("files", [])}
     now = {path: (size, mtime) for path, size, mtime in fingerprint.get("files", [])}
     changes = {"added": sorted(set(now) - set(before)), "removed": sorted(set(before) - set(now)),
@@ -439,19 +515,19 @@ def tokenizer_encode_batch(tokenizer_name: str):
 def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> "TokenCache":
     """Tokenizes the configured corpus into the cache (or reuses a complete one) and returns it."""
     data = config.data
-    directory = cache_directory(data, workdir)
-    manifest_path = os.path.join(directory, MANIFEST)
     fingerprint = source_fingerprint(data)
+    directory = find_cache(data, workdir, fingerprint)
+    manifest_path = os.path.join(directory, MANIFEST)
     manifest = {"version": 1, "key": cache_key(data), "source": fingerprint, "complete": False,
                 "documents_done": 0, "splits": {"train": [], "validation": []}}
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
         if manifest["complete"]:
-            return TokenCache(directory, manifest)
+            return adopted(TokenCache(directory, manifest), data, fingerprint)
         print(f"Resuming tokenization after {manifest['documents_done']} documents ({directory})")
     elif fingerprint:
-        change = what_changed(directory, fingerprint)
+        change = what_changed(unversioned_directory(data, workdir), directory, fingerprint)
         if change:
             print(f"note     | {describe_source(data)} changed since it was tokenized into {change}; tokenizing "
                   f"it again, into {directory}")
@@ -517,6 +593,19 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, progress: bool = Tr
     manifest["documents"] = done
     write_atomically(manifest_path, json.dumps(manifest, indent=1).encode())
     return TokenCache(directory, manifest)
+
+
+def adopted(cache: "TokenCache", data, fingerprint: dict | None) -> "TokenCache":
+    """A complete cache, with one note where `find_cache` chose it without knowing the version it holds."""
+    if fingerprint is None:
+        print(f"note     | the revision of {describe_source(data)} cannot be looked up (offline, not in the Hugging "
+              f"Face cache); using its newest token cache, {cache.directory}")
+    elif cache.manifest.get("source") is None and fingerprint:
+        print(f"note     | {cache.directory} was tokenized before gptjax recorded dataset versions; it is taken to "
+              f"be {', '.join(f'{k} {v}' for k, v in fingerprint.items())}, the one read now")
+        cache.manifest["source"] = fingerprint
+        write_atomically(os.path.join(cache.directory, MANIFEST), json.dumps(cache.manifest, indent=1).encode())
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------------------------

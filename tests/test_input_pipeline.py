@@ -1,9 +1,11 @@
 """The input pipeline on real text (the Python reference manual that ships with Python), through the real
 tf.data, TFDS and Hugging Face `datasets` code paths, fed local files."""
 
+import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -294,6 +296,81 @@ def test_text_added_edited_or_removed_under_the_glob_is_tokenized_into_a_new_cac
     for cache, documents in zip(caches, expected):  # each cache holds the text as it was when tokenized
         np.testing.assert_array_equal(cache.stream("train").read(0, cache.num_tokens("train")),
                                       expected_stream(documents))
+
+
+def test_a_new_tfds_version_is_a_new_cache_and_a_cache_from_before_versions_were_recorded_is_kept(
+        tmp_path, capsys, monkeypatch):
+    # A name without ':version' reads whatever version the installed tensorflow-datasets resolves it to.
+    config = make_config(source="tfds", name="local_wiki_docs", data_dir=str(tmp_path / "tfds"), eval_fraction=0.0)
+    workdir = str(tmp_path / "work")
+    first = ip.prepare(config, workdir, progress=False)
+    assert first.manifest["source"] == {"tfds_version": "1.0.0"}
+    capsys.readouterr()  # (TFDS's own lines, preparing the dataset)
+    assert ip.prepare(config, workdir, progress=False).directory == first.directory
+    assert capsys.readouterr().out == ""
+
+    # A cache tokenized before gptjax recorded versions (named without the version's hash; no "source" in its
+    # manifest) is taken to be of the version read now, once, with a note: a Wikipedia cache is not tokenized again,
+    # and checkpoints that name it still match.
+    legacy = ip.unversioned_directory(config.data, workdir)
+    os.rename(first.directory, legacy)
+    manifest = json.loads((tmp_path / legacy / ip.MANIFEST).read_text())
+    del manifest["source"]
+    (tmp_path / legacy / ip.MANIFEST).write_text(json.dumps(manifest))
+    assert ip.cache_directory(config.data, workdir) == legacy
+    adopted = ip.prepare(config, workdir, progress=False)
+    assert adopted.directory == legacy and adopted.fingerprint() == first.fingerprint()
+    assert capsys.readouterr().out == (f"note     | {legacy} was tokenized before gptjax recorded dataset versions; it "
+                                       f"is taken to be tfds_version 1.0.0, the one read now\n")
+    assert json.loads((tmp_path / legacy / ip.MANIFEST).read_text())["source"] == {"tfds_version": "1.0.0"}
+
+    # The builder moves on (another version, other text): another cache, said in one line, holding the new text.
+    monkeypatch.setattr(LocalWikiDocs, "VERSION", tfds.core.Version("1.1.0"))
+    monkeypatch.setattr(LocalWikiDocs, "_generate_examples",
+                        lambda self: ((i, {"title": f"doc {i}", "text": t}) for i, t in enumerate(DOCUMENTS[10:14])))
+    assert ip.cache_directory(config.data, workdir) != legacy
+    newer = ip.prepare(config, workdir, progress=False)
+    assert newer.directory not in (legacy, first.directory)
+    assert (f"note     | tfds dataset 'local_wiki_docs' changed since it was tokenized into {legacy} (TFDS version "
+            f"1.0.0 there, TFDS version 1.1.0 here); tokenizing it again, into {newer.directory}\n"
+            ) in capsys.readouterr().out
+    tokens = newer.stream("train").read(0, newer.num_tokens("train"))  # (TFDS orders examples by a hash of the key)
+    documents = np.split(tokens, np.flatnonzero(tokens == END_OF_TEXT_ID) + 1)[:-1]
+    assert sorted(load_tokenizer().decode(d[:-1]) for d in documents) == sorted(DOCUMENTS[10:14])
+
+
+def test_a_hugging_face_builders_files_and_an_offline_hub_dataset(tmp_path, capsys, monkeypatch):
+    # Local files read through `datasets` (data.name 'json') are fingerprinted as text files are.
+    path = tmp_path / "wiki.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in DOCUMENTS[:4]), encoding="utf-8")
+    config = make_config(source="hf", name="json", path=str(path), eval_fraction=0.0)
+    first = ip.prepare(config, str(tmp_path / "work"), progress=False)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": DOCUMENTS[4]}) + "\n")
+    second = ip.prepare(config, str(tmp_path / "work"), progress=False)
+    assert second.directory != first.directory
+    assert "(files 1 changed: wiki.jsonl)" in capsys.readouterr().out
+    np.testing.assert_array_equal(second.stream("train").read(0, second.num_tokens("train")),
+                                  expected_stream(DOCUMENTS[:5]))
+
+    # A Hub dataset whose revision cannot be looked up (this machine is offline, and it is not in the Hugging Face
+    # cache) uses the newest complete cache of its config, with a note, rather than failing to tokenize it again.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # (restored after the test: the lookup goes offline)
+        monkeypatch.delenv(key, raising=False)
+    for module in ("huggingface_hub.constants", "datasets.config"):
+        monkeypatch.setattr(importlib.import_module(module), "HF_HUB_OFFLINE", False)
+    hub = make_config(source="hf", name="gptjax-tests/no-such-dataset", eval_fraction=0.0)
+    assert ip.source_fingerprint(hub.data) is None
+    with pytest.raises(UserError, match="not in the local cache"):  # no cache either: the offline error line
+        ip.prepare(hub, str(tmp_path / "hub"), progress=False)
+    older = ip.unversioned_directory(hub.data, str(tmp_path / "hub")) + "-" + "0" * 12
+    shutil.copytree(second.directory, older)  # a cache of that config, as if tokenized while online
+    cache = ip.prepare(hub, str(tmp_path / "hub"), progress=False)
+    assert cache.directory == older and ip.cache_directory(hub.data, str(tmp_path / "hub")) == older
+    assert capsys.readouterr().out == (
+        "note     | the revision of hf dataset 'gptjax-tests/no-such-dataset' cannot be looked up (offline, not in "
+        f"the Hugging Face cache); using its newest token cache, {older}\n")
 
 
 def test_a_stop_requested_in_one_handled_block_is_not_left_for_the_next_call(tmp_path):
