@@ -137,9 +137,10 @@ KEYS = {
                                     "driver change)."),
     "train.compilation_cache": (True, "Keep compiled programs in ~/.cache/gptjax/jax (JAX's persistent compilation "
                                       "cache), so a rerun or a resume does not compile them again; sample and "
-                                      "evaluate use it too (off on jax-metal and before jax 0.10; cut back to 2 GiB, "
-                                      "the least recently read first, as each command starts)."),
-    "train.platform": ("", "JAX platform: '' lets JAX choose (GPU > CPU); 'cpu', 'gpu', 'tpu' or 'METAL' force one."),
+                                      "evaluate use it too (off on Apple GPUs and before jax 0.10; cut back to 2 "
+                                      "GiB, the least recently read first, as each command starts)."),
+    "train.platform": ("", "JAX platform: '' lets JAX choose (GPU > Apple GPU > CPU); 'cpu', 'gpu', 'tpu', 'METAL' "
+                           "(jax-metal) or 'mps' (jax-mps) force one."),
     "train.coordinator_address": ("", "Multi-process runs: the coordinator's host:port ('' = single process), process "
                                       "count and this process's id."),
     "train.num_processes": (1, "Number of processes in a multi-process run."),

@@ -134,6 +134,8 @@ def define_flags():
     flags.DEFINE_string("lambada", None, "A .jsonl file of texts (data.text_field): report last-word accuracy instead.")
     flags.DEFINE_string("text_field", None, "The field of --lambada's records that holds the text (default: the "
                         "run's data.text_field).")
+    flags.DEFINE_string("platform", "", "JAX platform, as train.platform: '' lets JAX choose; 'cpu', 'gpu', 'METAL' "
+                        "(jax-metal) or 'mps' (jax-mps) force one.")
 
 
 FLAGS = flags.FLAGS
@@ -144,6 +146,7 @@ def main():
     cli.require(FLAGS.batch_size is None or FLAGS.batch_size >= 1, f"--batch_size={FLAGS.batch_size} must be >= 1")
     cli.require(FLAGS.max_batches is None or FLAGS.max_batches >= 0,
                 f"--max_batches={FLAGS.max_batches} must be >= 0 (0 = the whole split)")
+    hardware.use_platform(FLAGS.platform)
     hardware.use_compilation_cache()
     params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
     config = ml_collections.ConfigDict(meta["config"])

@@ -8,14 +8,18 @@ datasheet.
 """
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
+import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from packaging.requirements import Requirement
 
 from gptjax.errors import UserError
 
@@ -28,10 +32,13 @@ KNOWN_PEAK_FLOPS = {
     "NVIDIA A100-SXM4-80GB": (156e12, 312e12),
     "NVIDIA A100-SXM4-40GB": (156e12, 312e12),
     "NVIDIA GeForce RTX 4090": (82.6e12, 165e12),
-    "Apple M1 Max": (10.4e12, 10.4e12),  # jax-metal runs float32
     "TPU v4": (275e12, 275e12),
     "TPU v5 lite": (197e12, 197e12),
 }
+# Apple GPUs, per GPU core (the plugins do not name the chip): Apple's float32 figures divided by the cores they were
+# given for (M1 Max, 32 cores: 10.4 TFLOPS; M2 Max, 38 cores: 13.6 TFLOPS). These GPUs run bfloat16 at the float32
+# rate. Apple gave no such figure for later chips, whose peak is measured like a CPU's.
+APPLE_GPU_FLOPS_PER_CORE = {"M1": 10.4e12 / 32, "M2": 13.6e12 / 38}
 
 
 def matmul_timers(dtype=jnp.float32, sizes=(1024, 2048, 3072), device=None) -> dict:
@@ -95,6 +102,9 @@ def peak_flops_per_device(dtype_name: str, configured: float = 0.0, remeasure: b
     kind = jax.local_devices()[0].device_kind
     if kind in KNOWN_PEAK_FLOPS:
         return KNOWN_PEAK_FLOPS[kind][dtype_name == "bfloat16"], f"datasheet for {kind}"
+    apple = apple_gpu_peak(describe_displays()) if on_apple_gpu() else None
+    if apple:
+        return apple
     path, key = kept_peak_key(dtype_name)
     kept = read_json(path)
     found_low = kept.get(f"{key} | found low", False)
@@ -107,6 +117,27 @@ def peak_flops_per_device(dtype_name: str, configured: float = 0.0, remeasure: b
     kept = {name: value for name, value in kept.items() if name != f"{key} | found low"}
     write_json_atomically(path, {**kept, key: peak})
     return peak, f"best measured matmul on {kind}"
+
+
+def apple_gpu_peak(displays: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, where it comes from) of the Apple GPU that `system_profiler SPDisplaysDataType` describes
+    ("Chipset Model: Apple M1 Max", "Total Number of Cores: 32"), where Apple gave a figure for its generation."""
+    chip = re.search(r"Chipset Model: Apple (M\d+)([\w ]*)", displays)
+    cores = re.search(r"Total Number of Cores: (\d+)", displays)
+    if not chip or not cores or chip.group(1) not in APPLE_GPU_FLOPS_PER_CORE:
+        return None
+    name = f"Apple {chip.group(1)}{chip.group(2).rstrip()}"
+    peak = APPLE_GPU_FLOPS_PER_CORE[chip.group(1)] * int(cores.group(1))
+    return peak, f"Apple's figure for the {name}'s {cores.group(1)}-core GPU"
+
+
+def describe_displays() -> str:
+    """What macOS says of its GPU (`system_profiler SPDisplaysDataType`); '' where it cannot be asked."""
+    try:
+        return subprocess.run(["system_profiler", "SPDisplaysDataType"], capture_output=True, text=True,
+                              timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def kept_peak_key(dtype_name: str) -> tuple[str, str]:
@@ -169,15 +200,30 @@ def format_mfu(mfu: float) -> str:
     return f"{100 * mfu:.1f}%"
 
 
+# JAX's Apple GPU plugins: the platform each registers, its package, and the JAX releases it runs with. jax-metal
+# declares jax>=0.4.34 but only works with 0.5.0 (its last release, 2024); jax-mps declares its own range.
+APPLE_GPU_PLUGINS = {"METAL": ("jax-metal", "==0.5.0"), "mps": ("jax-mps", None)}
+APPLE_GPU_ROUTES = ("on a Mac with Apple Silicon, `pip install -e .` installs jax-metal with Python 3.10/3.11 and "
+                    "jax-mps with Python 3.12 or newer (macOS 14+): README, Apple Silicon")
+
+
 def select_platform(platform: str) -> None:
-    """Makes JAX use `platform` ('cpu', 'gpu', 'tpu', 'METAL'); '' keeps JAX's choice. Call before any JAX work."""
+    """Makes JAX use `platform` ('cpu', 'gpu', 'tpu', 'METAL' for jax-metal, 'mps' for jax-mps); '' keeps JAX's
+    choice. Call before any JAX work."""
     if platform:
         jax.config.update("jax_platforms", platform)
 
 
-def check_platform(platform: str) -> None:
+def check_platform(platform: str, flag: str = "train.platform") -> None:
     """Starts JAX's backend, refusing in one line a `platform` (train.platform) this machine does not have, and naming
-    those it has. Call after jax.distributed.initialize, before which no backend may start."""
+    those it has; for an Apple GPU plugin, whether it is missing or installed beside a JAX it does not run with.
+    Call after jax.distributed.initialize, before which no backend may start."""
+    for name, (package, _) in APPLE_GPU_PLUGINS.items():
+        if platform.lower() in ("", name.lower()):
+            mismatch = plugin_version_mismatch(package)
+            if mismatch:
+                raise UserError(f"{mismatch}; install the versions it needs ({APPLE_GPU_ROUTES}), or set "
+                                f"{flag}=cpu")
     try:
         jax.devices()
     except RuntimeError as e:
@@ -185,9 +231,40 @@ def check_platform(platform: str) -> None:
             raise
         jax.config.update("jax_platforms", "")  # JAX's own choice, to name what this machine has
         here = sorted({device.platform for device in jax.devices()})
-        raise UserError(f"train.platform={platform!r} is not available on this machine "
-                        f"({str(e).splitlines()[0][:160]}); it has {', '.join(here)}: set train.platform to one of "
+        plugin = {name.lower(): package for name, (package, _) in APPLE_GPU_PLUGINS.items()}.get(platform.lower())
+        if plugin and installed_version(plugin) is None:
+            raise UserError(f"{flag}={platform!r} needs the {plugin} plugin, which is not installed "
+                            f"({APPLE_GPU_ROUTES}); this machine has {', '.join(here)}") from None
+        raise UserError(f"{flag}={platform!r} is not available on this machine "
+                        f"({str(e).splitlines()[0][:160]}); it has {', '.join(here)}: set {flag} to one of "
                         f"them, or to '' to let JAX choose") from None
+
+
+def use_platform(platform: str) -> None:
+    """`select_platform` then `check_platform`, for the commands that run in one process (sample, evaluate)."""
+    select_platform(platform)
+    check_platform(platform, "--platform")
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def plugin_version_mismatch(package: str) -> str | None:
+    """'jax-mps 0.11.1 runs with jax <0.12,>=0.11.0 and this is jax 0.10.2' where an installed Apple GPU plugin
+    cannot run with the installed JAX (it would fail at the first compilation, or crash); else None."""
+    version = installed_version(package)
+    if version is None:
+        return None
+    known = dict(APPLE_GPU_PLUGINS.values())[package]
+    declared = [Requirement(line) for line in importlib.metadata.requires(package) or []]
+    needs = known or ",".join(str(r.specifier) for r in declared if r.name == "jax" and not r.marker)
+    if needs and not Requirement(f"jax{needs}").specifier.contains(jax.__version__, prereleases=True):
+        return f"{package} {version} runs with jax {needs} and this is jax {jax.__version__}"
+    return None
 
 
 # Every model shape, batch size and JAX version adds its own programs, and JAX's cache is unbounded by default.
@@ -218,10 +295,10 @@ def use_compilation_cache(enabled: bool = True) -> None:
     """JAX's persistent compilation cache in <cache_dir()>/jax: a rerun, a resume or a second `sample` loads its
     compiled programs from disk instead of compiling them again. Call after JAX's backend may be initialized (after
     jax.distributed.initialize). A cache directory set by the user (JAX_COMPILATION_CACHE_DIR) wins. Kept off on
-    Metal, where jax-metal was never tested with it, and before jax 0.10: jax 0.5.0 (the Apple stack's) aborted the
-    test suite's process (SIGABRT, in a training step) when the cache was on, and passed with it off."""
-    if (not enabled or jax.default_backend().lower() == "metal" or jax.config.jax_compilation_cache_dir
-            or jax.__version_info__ < (0, 10)):
+    Apple GPUs, where neither jax-metal nor jax-mps was tested with it, and before jax 0.10: jax 0.5.0 (the Apple
+    stack's) aborted the test suite's process (SIGABRT, in a training step) when the cache was on, and passed with it
+    off."""
+    if not enabled or on_apple_gpu() or jax.config.jax_compilation_cache_dir or jax.__version_info__ < (0, 10):
         return
     directory = os.path.join(cache_dir(), "jax")
     prune_least_recently_used(directory, COMPILATION_CACHE_MAX_BYTES)
@@ -232,8 +309,14 @@ def use_compilation_cache(enabled: bool = True) -> None:
 
 
 def supports_donation() -> bool:
-    """jax-metal ignores buffer donation (and warns every step), so it is only asked for elsewhere."""
-    return jax.default_backend().lower() not in ("metal",)
+    """jax-metal ignores buffer donation (and warns every step), so it is only asked for elsewhere; jax-mps too,
+    until it is measured on a Mac."""
+    return not on_apple_gpu()
+
+
+def on_apple_gpu() -> bool:
+    """Whether JAX runs on an Apple GPU, through jax-metal ('METAL') or jax-mps ('mps')."""
+    return jax.default_backend().lower() in {name.lower() for name in APPLE_GPU_PLUGINS}
 
 
 def maybe_initialize_distributed(train: ml_collections.ConfigDict) -> None:

@@ -27,6 +27,8 @@ def define_flags():
     flags.DEFINE_integer("top_k", 200, "Sample only among the k most likely tokens (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "Sample only within the smallest set of tokens with this total probability.")
     flags.DEFINE_integer("seed", 0, "Random seed: the same seed and options give the same samples.")
+    flags.DEFINE_string("platform", "", "JAX platform, as train.platform: '' lets JAX choose; 'cpu', 'gpu', 'METAL' "
+                        "(jax-metal) or 'mps' (jax-mps) force one.")
     flags.DEFINE_enum("head_dtype", "float32", kernels.HEAD_DTYPES,
                       "Precision the output layer (the [vocab, d_model] embedding) is read in while decoding: "
                       "bfloat16 halves its bytes: up to 1.45x faster at one sample on a CPU, logits rounded.")
@@ -58,6 +60,7 @@ def read_prompt() -> str:
 
 
 def main():
+    hardware.use_platform(FLAGS.platform)
     hardware.use_compilation_cache()
     params, model_config, meta = load_for_inference(FLAGS.workdir, FLAGS.step)
     check_options(model_config.vocab_size)

@@ -247,6 +247,58 @@ def test_a_measured_peak_is_kept_per_machine_and_measured_again_on_request(tmp_p
     assert again != 1.5e9 and json.loads(path.read_text()) == {key: again}
 
 
+def test_an_apple_gpus_peak_is_apples_figure_by_generation_and_cores():
+    # What `system_profiler SPDisplaysDataType` prints on an M1 Max (trimmed), and on chips Apple gave no figure for.
+    m1_max = "Graphics/Displays:\n\n    Apple M1 Max:\n\n      Chipset Model: Apple M1 Max\n      Type: GPU\n" \
+             "      Bus: Built-In\n      Total Number of Cores: 32\n      Vendor: Apple (0x106b)\n"
+    assert hardware.apple_gpu_peak(m1_max) == (10.4e12, "Apple's figure for the Apple M1 Max's 32-core GPU")
+    assert hardware.apple_gpu_peak(m1_max.replace("32", "24"))[0] == pytest.approx(7.8e12)  # the 24-core M1 Max
+    m2 = "      Chipset Model: Apple M2\n      Total Number of Cores: 10\n"
+    assert hardware.apple_gpu_peak(m2)[0] == pytest.approx(3.6e12, rel=0.01)  # Apple: 3.6 TFLOPS
+    assert hardware.apple_gpu_peak(m2.replace("M2", "M4 Pro")) is None  # measured instead
+    assert hardware.apple_gpu_peak("") is None  # not a Mac
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform, plugin", [("mps", "jax-mps"), ("METAL", "jax-metal")])
+def test_an_apple_gpu_platform_without_its_plugin_names_the_install(trained_run, platform, plugin):
+    for module, args, flag in (("gptjax.sample", ["--workdir", trained_run, f"--platform={platform}"], "--platform"),
+                               ("gptjax.train", ["--config", TINY, f"--config.train.platform={platform}"],
+                                "train.platform")):
+        here = ", ".join(sorted({device.platform for device in jax.devices()}))
+        assert_one_error_line(run_command_forked(module, *args), (
+            f"{flag}={platform!r} needs the {plugin} plugin, which is not installed ({hardware.APPLE_GPU_ROUTES}); "
+            f"this machine has {here}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plugin, declared, needs", [("jax-mps", "jax<0.5,>=0.4.0", "<0.5,>=0.4.0"),
+                                                     ("jax-metal", "jax>=0.4.34", "==0.5.0")])
+def test_an_apple_gpu_plugin_beside_a_jax_it_does_not_run_with_is_refused_in_one_line(tmp_path, trained_run, plugin,
+                                                                                      declared, needs):
+    if jax.__version__ == "0.5.0" and plugin == "jax-metal":
+        pytest.skip("jax-metal runs with this JAX")
+    # The plugin as pip would leave it installed on a Mac (its metadata; its macOS-only library cannot load here):
+    # importlib.metadata finds it on the path, as it would in site-packages.
+    version = {"jax-mps": "0.11.1", "jax-metal": "0.1.1"}[plugin]
+    dist_info = tmp_path / "site" / f"{plugin.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {plugin}\nVersion: {version}\n"
+                                        f"Requires-Dist: {declared}\n")
+    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{tmp_path / 'site'}")
+    for platform in ("", {"jax-mps": "mps", "jax-metal": "METAL"}[plugin]):  # asked for, or JAX's own choice
+        result = subprocess.run([sys.executable, "-m", "gptjax.sample", "--workdir", trained_run,
+                                 f"--platform={platform}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert_one_error_line(result, f"{plugin} {version} runs with jax {needs} and this is jax {jax.__version__}; "
+                                      f"install the versions it needs ({hardware.APPLE_GPU_ROUTES}), or set "
+                                      f"--platform=cpu")
+    result = subprocess.run([sys.executable, "-m", "gptjax.sample", "--workdir", trained_run, "--platform=cpu",
+                             "--max_new_tokens=2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]  # the CPU does not need the plugin
+
+
 @pytest.mark.slow
 def test_the_train_step_uses_no_deprecated_optax_spelling():
     from gptjax import train_step as steps_lib

@@ -54,7 +54,7 @@ def test_layers_benchmark_measures_every_layout_with_every_kernel_and_loss():
 
 
 def test_head_to_head_against_pytorch_takes_turns_and_reports_ratios():
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="PyTorch is not installed: pip install -e \".[test,hf]\" (README, Tests)")
     from benchmarks.run import head_to_head, make_train_step
 
     # More new tokens than tiny's context: gptjax slides its window, the reference is held to its context.

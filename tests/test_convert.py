@@ -23,7 +23,7 @@ from tests.test_train import REPO_ROOT, read_metrics, small_config
 
 pytestmark = pytest.mark.slow  # PyTorch models and training runs: `pytest -m "not slow"` skips them
 
-torch = pytest.importorskip("torch", reason="PyTorch is a test-only dependency: pip install -e .[test]")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip install -e \".[test,hf]\" (README, Tests)")
 transformers = pytest.importorskip("transformers")
 
 

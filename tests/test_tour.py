@@ -35,6 +35,7 @@ print("TOUR OK: " + str(len(namespace["jax"].devices())) + " devices")
 
 
 @pytest.mark.slow
+@pytest.mark.every_stack
 def test_every_block_of_the_tour_and_its_solutions_runs_in_order(tmp_path):
     with open(TOUR) as f:
         blocks = python_blocks(f.read())
